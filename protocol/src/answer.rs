@@ -157,7 +157,9 @@ pub fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> (ReplyPath, Result
     let serde_json::Value::Object(map) = &value else {
         return (
             path,
-            Err(RequestError::Malformed("payload must be a JSON object".into())),
+            Err(RequestError::Malformed(
+                "payload must be a JSON object".into(),
+            )),
         );
     };
     match map.get("reply_to") {
@@ -226,12 +228,8 @@ pub struct Answer<T> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
     /// Present when `ok` is true.
-    #[serde(flatten, default = "none", skip_serializing_if = "Option::is_none")]
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub body: Option<T>,
-}
-
-fn none<T>() -> Option<T> {
-    None
 }
 
 impl<T: Serialize> Answer<T> {

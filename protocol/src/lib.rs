@@ -13,6 +13,8 @@
 //! Nothing here does I/O, so every decoder can be fuzzed and table-tested on its own.
 
 pub mod answer;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod msg;
 pub mod topic;
 pub mod validate;

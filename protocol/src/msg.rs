@@ -542,7 +542,10 @@ mod tests {
             class: ParcelClass::Heavy,
             weight_kg: Some(-1.0),
         };
-        assert!(p.validate(10.0).unwrap_err().starts_with("parcel.weight_kg"));
+        assert!(p
+            .validate(10.0)
+            .unwrap_err()
+            .starts_with("parcel.weight_kg"));
     }
 
     #[test]

@@ -212,11 +212,23 @@ mod tests {
         let t = Topics::new("seoul-1").unwrap();
         assert_eq!(t.calls_create(), "pickup/v1/seoul-1/calls/create");
         assert_eq!(t.parse(&t.calls_create()), Ok(Inbound::CreateCall));
-        assert_eq!(t.parse(&t.call_cancel("abc")), Ok(Inbound::CancelCall("abc")));
+        assert_eq!(
+            t.parse(&t.call_cancel("abc")),
+            Ok(Inbound::CancelCall("abc"))
+        );
         assert_eq!(t.parse(&t.call_get("abc")), Ok(Inbound::GetCall("abc")));
-        assert_eq!(t.parse(&t.courier_presence("k1")), Ok(Inbound::Presence("k1")));
-        assert_eq!(t.parse(&t.courier_location("k1")), Ok(Inbound::Location("k1")));
-        assert_eq!(t.parse(&t.courier_job_reply("k1")), Ok(Inbound::JobReply("k1")));
+        assert_eq!(
+            t.parse(&t.courier_presence("k1")),
+            Ok(Inbound::Presence("k1"))
+        );
+        assert_eq!(
+            t.parse(&t.courier_location("k1")),
+            Ok(Inbound::Location("k1"))
+        );
+        assert_eq!(
+            t.parse(&t.courier_job_reply("k1")),
+            Ok(Inbound::JobReply("k1"))
+        );
     }
 
     #[test]

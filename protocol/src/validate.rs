@@ -13,8 +13,7 @@ pub const MAX_WEIGHT_KG: f64 = 1000.0;
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
@@ -114,7 +113,15 @@ mod tests {
         for ok in ["010-1234-5678", "+82 10 1234 5678", "01012345678"] {
             assert!(phone("tel", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "+", "1234", "010--1234-5678", "abc", "-0101234567", "0101234567890123"] {
+        for bad in [
+            "",
+            "+",
+            "1234",
+            "010--1234-5678",
+            "abc",
+            "-0101234567",
+            "0101234567890123",
+        ] {
             assert!(phone("tel", bad).is_err(), "{bad}");
         }
     }
