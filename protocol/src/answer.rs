@@ -270,6 +270,9 @@ pub struct CreateAnswer {
     pub pickup_code: String,
     /// True when this request id was seen before and this is the earlier call.
     pub duplicate: bool,
+    /// Set when a scale reading overrode the declared parcel class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_corrected: Option<String>,
 }
 
 /// Body of a successful `get` or `cancel` answer.

@@ -123,6 +123,19 @@ pub struct Parcel {
     /// Weight if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_kg: Option<f64>,
+    /// Where class and weight came from; set by the daemon, ignored on requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_source: Option<WeightSource>,
+}
+
+/// Where a parcel's class came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightSource {
+    /// Measured by the kiosk's scale.
+    Scale,
+    /// Chosen by the customer (no usable scale reading).
+    Declared,
 }
 
 impl Parcel {
@@ -164,6 +177,9 @@ pub struct CreateCall {
     /// The scale the parcel stands on, if the kiosk is not bound to one in the config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_id: Option<String>,
+    /// Where the parcel goes, if known (prices by distance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Location>,
 }
 
 impl CreateCall {
@@ -178,6 +194,9 @@ impl CreateCall {
         }
         if let Some(s) = &self.scale_id {
             validate::id("scale_id", s)?;
+        }
+        if let Some(d) = &self.destination {
+            d.validate("destination")?;
         }
         Ok(())
     }
@@ -290,6 +309,9 @@ pub struct CallView {
     /// Why a call was cancelled or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Price from the tariff, in the smallest currency unit (won).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<u64>,
     /// When the call was accepted.
     pub created_at: Millis,
     /// When the status last changed.
@@ -536,11 +558,13 @@ mod tests {
         let p = Parcel {
             class: ParcelClass::Light,
             weight_kg: Some(12.0),
+            weight_source: None,
         };
         assert!(p.validate(10.0).unwrap_err().starts_with("parcel.class"));
         let p = Parcel {
             class: ParcelClass::Heavy,
             weight_kg: Some(-1.0),
+            weight_source: None,
         };
         assert!(p
             .validate(10.0)
