@@ -1,0 +1,255 @@
+//! Choosing a courier for a call (the "assign" context): eligibility, ranking, and a grid
+//! index so that the search looks only at couriers near the pickup point.
+
+use std::collections::{BTreeSet, HashMap};
+
+use pickup_protocol::{Millis, ParcelClass};
+
+use super::courier::Courier;
+use super::geo::haversine_m;
+
+/// Metres per degree of latitude.
+const M_PER_DEG: f64 = 111_195.0;
+/// Grid cell edge in degrees (about 1.1 km north-south).
+const CELL_DEG: f64 = 0.01;
+
+/// What the search needs to know about the call.
+#[derive(Debug, Clone, Copy)]
+pub struct Need<'a> {
+    /// Pickup point.
+    pub lat: f64,
+    /// Pickup point.
+    pub lon: f64,
+    /// Parcel class (vehicle capacity).
+    pub class: ParcelClass,
+    /// Search radius, metres.
+    pub radius_m: f64,
+    /// Couriers who declined the call or let an offer lapse.
+    pub excluded: &'a BTreeSet<String>,
+    /// Positions older than this are not trusted.
+    pub location_max_age_ms: Millis,
+}
+
+/// The chosen courier and its distance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Courier id.
+    pub courier_id: String,
+    /// Distance to the pickup point, metres.
+    pub distance_m: f64,
+}
+
+/// Whether `c` may get the call, and its distance if so.
+pub fn eligible(c: &Courier, need: &Need<'_>, now: Millis) -> Option<f64> {
+    if !c.online || !c.available || !c.is_free() || need.excluded.contains(&c.id) {
+        return None;
+    }
+    if !c.vehicle.is_some_and(|v| v.can_carry(need.class)) {
+        return None;
+    }
+    let (lat, lon, at) = (c.lat?, c.lon?, c.location_at?);
+    if now.saturating_sub(at) > need.location_max_age_ms {
+        return None;
+    }
+    let d = haversine_m(need.lat, need.lon, lat, lon);
+    (d <= need.radius_m).then_some(d)
+}
+
+/// Ranking: nearest first, then longest idle, then id (so results are deterministic).
+fn better(a: (&Courier, f64), b: (&Courier, f64)) -> bool {
+    (a.1, a.0.idle_since, &a.0.id) < (b.1, b.0.idle_since, &b.0.id)
+}
+
+/// Reference search over every courier; the index must give the same answer.
+pub fn best_linear<'a>(
+    couriers: impl Iterator<Item = &'a Courier>,
+    need: &Need<'_>,
+    now: Millis,
+) -> Option<Candidate> {
+    let mut best: Option<(&Courier, f64)> = None;
+    for c in couriers {
+        if let Some(d) = eligible(c, need, now) {
+            if best.is_none_or(|b| better((c, d), b)) {
+                best = Some((c, d));
+            }
+        }
+    }
+    best.map(|(c, d)| Candidate {
+        courier_id: c.id.clone(),
+        distance_m: d,
+    })
+}
+
+type Cell = (i32, i32);
+
+fn cell_of(lat: f64, lon: f64) -> Cell {
+    // Coordinates are validated to ±90/±180, so these fit in i32.
+    (
+        (lat / CELL_DEG).floor() as i32,
+        (lon / CELL_DEG).floor() as i32,
+    )
+}
+
+/// Couriers bucketed by grid cell of their last position.
+#[derive(Debug, Default)]
+pub struct GridIndex {
+    cells: HashMap<Cell, Vec<String>>,
+    where_is: HashMap<String, Cell>,
+}
+
+impl GridIndex {
+    /// Records (or moves) a courier's position.
+    pub fn update(&mut self, id: &str, lat: f64, lon: f64) {
+        let cell = cell_of(lat, lon);
+        match self.where_is.get(id) {
+            Some(old) if *old == cell => return,
+            Some(old) => {
+                let old = *old;
+                if let Some(v) = self.cells.get_mut(&old) {
+                    v.retain(|x| x != id);
+                    if v.is_empty() {
+                        self.cells.remove(&old);
+                    }
+                }
+            }
+            None => {}
+        }
+        self.cells.entry(cell).or_default().push(id.to_string());
+        self.where_is.insert(id.to_string(), cell);
+    }
+
+    /// Best eligible courier within the radius, looking only at nearby cells.
+    pub fn best(
+        &self,
+        couriers: &HashMap<String, Courier>,
+        need: &Need<'_>,
+        now: Millis,
+    ) -> Option<Candidate> {
+        let dlat = need.radius_m / M_PER_DEG;
+        let coslat = need.lat.to_radians().cos().abs().max(0.01);
+        let dlon = (need.radius_m / (M_PER_DEG * coslat)).min(360.0);
+        let (lat0, lon0) = cell_of((need.lat - dlat).max(-90.0), need.lon - dlon);
+        let (lat1, lon1) = cell_of((need.lat + dlat).min(90.0), need.lon + dlon);
+        let span =
+            (i64::from(lat1) - i64::from(lat0) + 1) * (i64::from(lon1) - i64::from(lon0) + 1);
+        if span as usize > self.cells.len() * 4 {
+            // A huge radius: scanning the occupied cells is cheaper than the empty ones.
+            return best_linear(couriers.values(), need, now);
+        }
+        let mut best: Option<(&Courier, f64)> = None;
+        for la in lat0..=lat1 {
+            for lo in lon0..=lon1 {
+                // Longitudes past ±180 wrap; the grid keeps them apart, which only matters
+                // for pickup centres on the antimeridian.
+                let Some(ids) = self.cells.get(&(la, lo)) else {
+                    continue;
+                };
+                for id in ids {
+                    let Some(c) = couriers.get(id) else { continue };
+                    if let Some(d) = eligible(c, need, now) {
+                        if best.is_none_or(|b| better((c, d), b)) {
+                            best = Some((c, d));
+                        }
+                    }
+                }
+            }
+        }
+        best.map(|(c, d)| Candidate {
+            courier_id: c.id.clone(),
+            distance_m: d,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pickup_protocol::Vehicle;
+    use proptest::prelude::*;
+
+    fn courier(id: &str, lat: f64, lon: f64, vehicle: Vehicle, idle: Millis) -> Courier {
+        let mut c = Courier::new(id, idle);
+        c.online = true;
+        c.available = true;
+        c.vehicle = Some(vehicle);
+        c.lat = Some(lat);
+        c.lon = Some(lon);
+        c.location_at = Some(1_000);
+        c
+    }
+
+    fn need(excluded: &BTreeSet<String>) -> Need<'_> {
+        Need {
+            lat: 37.5,
+            lon: 127.0,
+            class: ParcelClass::Light,
+            radius_m: 3_000.0,
+            excluded,
+            location_max_age_ms: 60_000,
+        }
+    }
+
+    #[test]
+    fn filters_and_ranks() {
+        let none = BTreeSet::new();
+        let mut cs = vec![
+            courier("far", 37.6, 127.0, Vehicle::Car, 0),
+            courier("near", 37.501, 127.0, Vehicle::Scooter, 5),
+            courier("near-older", 37.501, 127.0, Vehicle::Scooter, 1),
+        ];
+        let best = best_linear(cs.iter(), &need(&none), 2_000).unwrap();
+        assert_eq!(best.courier_id, "near-older");
+        cs[2].online = false;
+        assert_eq!(
+            best_linear(cs.iter(), &need(&none), 2_000)
+                .unwrap()
+                .courier_id,
+            "near"
+        );
+        let mut n = need(&none);
+        n.class = ParcelClass::Heavy;
+        assert!(
+            best_linear(cs.iter(), &n, 2_000).is_none(),
+            "far is beyond radius"
+        );
+        // Stale location.
+        assert!(best_linear(cs.iter(), &need(&none), 100_000).is_none());
+        let ex: BTreeSet<String> = ["near".to_string()].into();
+        assert!(best_linear(cs.iter(), &need(&ex), 2_000).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn grid_matches_linear_scan(
+            pts in proptest::collection::vec((37.4f64..37.6, 126.9f64..127.1, 0u8..5, 0i64..100, any::<bool>()), 0..80),
+            radius in 100.0f64..20_000.0,
+            heavy in any::<bool>(),
+        ) {
+            let vehicles = [Vehicle::Bicycle, Vehicle::Scooter, Vehicle::Car, Vehicle::Van, Vehicle::Truck];
+            let mut map = HashMap::new();
+            let mut grid = GridIndex::default();
+            for (i, (lat, lon, v, idle, avail)) in pts.iter().enumerate() {
+                let mut c = courier(&format!("c{i}"), *lat, *lon, vehicles[*v as usize], *idle);
+                c.available = *avail;
+                grid.update(&c.id, *lat, *lon);
+                map.insert(c.id.clone(), c);
+            }
+            let none = BTreeSet::new();
+            let mut n = need(&none);
+            n.radius_m = radius;
+            n.class = if heavy { ParcelClass::Heavy } else { ParcelClass::Light };
+            let a = best_linear(map.values(), &n, 2_000);
+            let b = grid.best(&map, &n, 2_000);
+            prop_assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn moving_updates_buckets() {
+        let mut g = GridIndex::default();
+        g.update("a", 37.5, 127.0);
+        g.update("a", 38.5, 127.0);
+        assert_eq!(g.where_is.len(), 1);
+        assert_eq!(g.cells.values().map(Vec::len).sum::<usize>(), 1);
+    }
+}
