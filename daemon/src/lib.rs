@@ -10,3 +10,4 @@
 //! - [`ctl`]: what `pickupctl` does.
 
 pub mod dispatch;
+pub mod store;

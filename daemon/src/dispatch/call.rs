@@ -58,6 +58,9 @@ pub struct Call {
     pub created_at: Millis,
     /// Last status change.
     pub updated_at: Millis,
+    /// Notifications issued so far; the next one's dedup id is `<id>-<notices + 1>`.
+    #[serde(default)]
+    pub notices: u32,
 }
 
 impl Call {

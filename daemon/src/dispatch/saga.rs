@@ -237,8 +237,6 @@ pub struct Dispatcher {
     seen_order: VecDeque<String>,
     /// Set when a courier may have become eligible: pending calls are looked at again.
     rematch: bool,
-    /// Sequence per call for notification ids.
-    seq: HashMap<String, u32>,
 }
 
 const SEEN_REPLIES: usize = 4096;
@@ -257,7 +255,6 @@ impl Dispatcher {
             seen_replies: HashSet::new(),
             seen_order: VecDeque::new(),
             rematch: false,
-            seq: HashMap::new(),
         }
     }
 
@@ -273,20 +270,19 @@ impl Dispatcher {
     }
 
     /// Loads state from the database at start. Timers keep their stored times.
-    pub fn restore(&mut self, calls: Vec<(Call, u32)>, couriers: Vec<Courier>) {
+    pub fn restore(&mut self, calls: Vec<Call>, couriers: Vec<Courier>) {
         for c in couriers {
             if let (Some(lat), Some(lon)) = (c.lat, c.lon) {
                 self.grid.update(&c.id, lat, lon);
             }
             self.couriers.insert(c.id.clone(), c);
         }
-        for (call, seq) in calls {
+        for call in calls {
             if call.is_pending() {
                 self.pending.insert((call.created_at, call.id.clone()));
             }
             self.by_request
                 .insert(call.request_id.clone(), call.id.clone());
-            self.seq.insert(call.id.clone(), seq);
             self.calls.insert(call.id.clone(), call);
         }
         self.rematch = true;
@@ -327,12 +323,6 @@ impl Dispatcher {
     /// Calls in memory, live or recently finished.
     pub fn calls(&self) -> impl Iterator<Item = &Call> {
         self.calls.values()
-    }
-
-    fn next_seq(&mut self, call_id: &str) -> u32 {
-        let s = self.seq.entry(call_id.to_string()).or_insert(0);
-        *s += 1;
-        *s
     }
 
     fn event(
@@ -399,13 +389,14 @@ impl Dispatcher {
         mut vars: serde_json::Map<String, serde_json::Value>,
         now: Millis,
     ) {
-        let Some(call) = self.calls.get(call_id) else {
+        let Some(call) = self.calls.get_mut(call_id) else {
             return;
         };
+        call.notices += 1;
+        let seq = call.notices;
         let tel = call.tel.clone();
         vars.insert("call_id".into(), call_id.into());
         let text = self.cfg.templates.render(template, &vars);
-        let seq = self.next_seq(call_id);
         let n = Notification {
             id: format!("{call_id}-{seq}"),
             call_id: call_id.to_string(),
@@ -434,6 +425,27 @@ impl Dispatcher {
         if let Some(c) = self.couriers.get(id) {
             d.changes.push(Change::Courier(Box::new(c.clone())));
         }
+    }
+
+    /// Makes every call and courier snapshot in `d` the latest state, so that counters
+    /// changed later in the same decision (notification sequence) are written too.
+    fn finish(&self, mut d: Decision) -> Decision {
+        for c in &mut d.changes {
+            match c {
+                Change::Call(call) => {
+                    if let Some(now) = self.calls.get(&call.id) {
+                        **call = now.clone();
+                    }
+                }
+                Change::Courier(courier) => {
+                    if let Some(now) = self.couriers.get(&courier.id) {
+                        **courier = now.clone();
+                    }
+                }
+                _ => {}
+            }
+        }
+        d
     }
 
     // ----------------------------------------------------------------- call context
@@ -470,6 +482,7 @@ impl Dispatcher {
             reason: None,
             created_at: now,
             updated_at: now,
+            notices: 0,
         };
         let id = call.id.clone();
         let answer = CreateAnswer {
@@ -507,7 +520,7 @@ impl Dispatcher {
         );
         self.notify(&mut d, &id, "call.accepted", vars, now);
         d.reply = Some(ReplyBody::Create(Box::new(answer)));
-        d
+        self.finish(d)
     }
 
     /// Cancels a call before pickup; frees and tells its courier. Idempotent.
@@ -587,7 +600,7 @@ impl Dispatcher {
         if let Some(call) = self.calls.get(id) {
             d.reply = Some(ReplyBody::Call(Box::new(call.view())));
         }
-        d
+        self.finish(d)
     }
 
     /// Clears a courier's hold on `call_id` and makes it free again.
@@ -669,7 +682,7 @@ impl Dispatcher {
         if online && p.available {
             self.rematch = true;
         }
-        d
+        self.finish(d)
     }
 
     /// A courier's position. Device time is clamped to the arrival time.
@@ -859,7 +872,7 @@ impl Dispatcher {
                     ));
                     // The counter must survive; no reply id is recorded so a corrected
                     // retry is not taken for a repeat.
-                    return d;
+                    return self.finish(d);
                 }
                 let mut d = Decision::default();
                 if let Some(c) = self.calls.get_mut(&call_id) {
@@ -979,7 +992,7 @@ impl Dispatcher {
             action: r.action,
             duplicate: false,
         }));
-        d
+        self.finish(d)
     }
 
     /// Gives `call_id` to `cid` for good.
@@ -1158,7 +1171,7 @@ impl Dispatcher {
         for id in touched {
             self.put_call(&mut d, &id);
         }
-        d
+        self.finish(d)
     }
 
     /// Timers: dispatch deadlines, offer timeouts, grace periods, and forgetting finished
@@ -1264,10 +1277,9 @@ impl Dispatcher {
             if let Some(c) = self.calls.remove(&id) {
                 self.by_request.remove(&c.request_id);
             }
-            self.seq.remove(&id);
         }
         d.absorb(self.assign_pending(now));
-        d
+        self.finish(d)
     }
 
     /// When [`Dispatcher::tick`] next has something to do.

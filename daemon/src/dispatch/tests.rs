@@ -430,7 +430,7 @@ fn timers_keep_stored_times_across_restore() {
     let courier = d.courier("a").unwrap().clone();
     // "Restart" 4 s later: the offer still lapses at T0 + 10 s, not 10 s after restore.
     let mut d2 = disp(Mode::Offer);
-    d2.restore(vec![(call, 2)], vec![courier]);
+    d2.restore(vec![call], vec![courier]);
     assert_eq!(d2.next_wakeup(), Some(T0 + 10_000));
     let dec = d2.tick(T0 + 4_000);
     assert!(jobs_to(&dec, "a").is_empty());

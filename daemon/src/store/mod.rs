@@ -1,0 +1,656 @@
+//! SQLite storage: one writer thread owns the read-write connection and group-commits the
+//! dispatch core's decisions; separate read-only connections serve status reads, so reads
+//! never wait on writes.
+//!
+//! Durability: WAL with `synchronous = FULL`. In WAL mode `NORMAL` may lose the last
+//! transactions on power loss; `FULL` syncs the WAL at every commit, so a call whose
+//! "accepted" answer went out survives a power cut. Throughput comes from group commit:
+//! every job waiting in the queue joins one transaction and one fsync.
+
+mod schema;
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use pickup_protocol::Millis;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::dispatch::{Call, Change, Courier, OutMsg};
+
+/// Errors of the store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// SQLite refused something.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The file failed its integrity check; the daemon refuses to start on it.
+    #[error("database {path} is damaged ({detail}); refusing to start. Restore it from a backup (pickupctl backup) or move it away to start empty")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// First lines of the check.
+        detail: String,
+    },
+    /// The file is newer than this program.
+    #[error("database {path} has schema version {found}, newer than this pickupd ({known}); upgrade pickupd")]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Version in the file.
+        found: i64,
+        /// Latest version known here.
+        known: i64,
+    },
+    /// Creating the directory or file failed.
+    #[error("database {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A stored row could not be read back.
+    #[error("database {path}: row {what} is unreadable: {detail}")]
+    BadRow {
+        /// The file.
+        path: PathBuf,
+        /// Which row.
+        what: String,
+        /// Why.
+        detail: String,
+    },
+    /// The writer thread has stopped.
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+fn sq(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Wall-clock now in unix milliseconds.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What the daemon needs to resume after a start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Calls not yet final, plus recently finished ones.
+    pub calls: Vec<Call>,
+    /// Every known courier.
+    pub couriers: Vec<Courier>,
+    /// Outbox rows not yet acknowledged by the broker, oldest first.
+    pub unsent: Vec<(i64, OutMsg)>,
+}
+
+/// Opens (creating if needed) the database at `path`: checks integrity, applies
+/// migrations, and returns the connection for the writer.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let fresh = !path.exists();
+    if fresh {
+        // Created 0600: the file holds customers' phone numbers.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sq(path))?;
+    let e = sq(path);
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(&e)?;
+    if !fresh {
+        let check: Vec<String> = conn
+            .prepare("PRAGMA quick_check")
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(f, msg)
+                    if matches!(
+                        f.code,
+                        rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+                    ) =>
+                {
+                    StoreError::Damaged {
+                        path: path.to_path_buf(),
+                        detail: msg.unwrap_or_else(|| f.to_string()),
+                    }
+                }
+                other => e(other),
+            })?;
+        if check != ["ok"] {
+            return Err(StoreError::Damaged {
+                path: path.to_path_buf(),
+                detail: check.into_iter().take(3).collect::<Vec<_>>().join("; "),
+            });
+        }
+    }
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA wal_autocheckpoint = 1000;",
+    )
+    .map_err(&e)?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let e = sq(path);
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(&e)?;
+    let known = schema::MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.unchecked_transaction().map_err(&e)?;
+        tx.execute_batch(sql).map_err(&e)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        tracing::info!(version = i + 1, "database migrated");
+    }
+    Ok(())
+}
+
+/// Schema version of an open connection.
+pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Reads what the daemon resumes from. Only live calls and those finished within
+/// `keep_terminal_ms` are loaded (an index, no full-table scan).
+pub fn load(
+    conn: &Connection,
+    path: &Path,
+    now: Millis,
+    keep_terminal_ms: Millis,
+) -> Result<Loaded, StoreError> {
+    let e = sq(path);
+    let bad = |what: String, detail: String| StoreError::BadRow {
+        path: path.to_path_buf(),
+        what,
+        detail,
+    };
+    let mut loaded = Loaded::default();
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, body FROM calls WHERE status NOT IN ('completed', 'cancelled', 'failed')
+             UNION
+             SELECT id, body FROM calls WHERE updated_at >= ?1",
+        )
+        .map_err(&e)?;
+    let rows = stmt
+        .query_map([now.saturating_sub(keep_terminal_ms)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(&e)?;
+    for row in rows {
+        let (id, body) = row.map_err(&e)?;
+        let call: Call = serde_json::from_str(&body)
+            .map_err(|err| bad(format!("calls/{id}"), err.to_string()))?;
+        loaded.calls.push(call);
+    }
+    let mut stmt = conn.prepare("SELECT id, body FROM couriers").map_err(&e)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(&e)?;
+    for row in rows {
+        let (id, body) = row.map_err(&e)?;
+        let c: Courier = serde_json::from_str(&body)
+            .map_err(|err| bad(format!("couriers/{id}"), err.to_string()))?;
+        loaded.couriers.push(c);
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, topic, payload, retain, expiry_s FROM outbox WHERE sent_at IS NULL ORDER BY id",
+        )
+        .map_err(&e)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                OutMsg {
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                    retain: r.get::<_, i64>(3)? != 0,
+                    expiry_s: r.get::<_, Option<u32>>(4)?,
+                },
+            ))
+        })
+        .map_err(&e)?;
+    for row in rows {
+        loaded.unsent.push(row.map_err(&e)?);
+    }
+    Ok(loaded)
+}
+
+/// One unit of work for the writer.
+#[derive(Debug)]
+pub enum Op {
+    /// Apply a decision's changes.
+    Apply(Vec<Change>),
+    /// The broker acknowledged these outbox rows.
+    MarkSent(Vec<i64>),
+    /// Liveness check: proves the writer is taking work.
+    Ping,
+}
+
+/// A job in the writer's queue: work, and what to hand on once it is committed.
+#[derive(Debug)]
+pub struct WriteJob<R> {
+    /// The work.
+    pub op: Op,
+    /// Passed on (e.g. the answer to send) after the commit that holds `op`.
+    pub after: Option<R>,
+}
+
+/// What the writer hands on after each commit.
+#[derive(Debug)]
+pub struct Committed<R> {
+    /// Outbox rows written by this commit, with their ids, in order.
+    pub outbox: Vec<(i64, OutMsg)>,
+    /// The `after` values of the jobs in this commit, in order.
+    pub after: Vec<R>,
+}
+
+/// Counters the writer keeps for status lines, metrics and the breaker.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Jobs applied.
+    pub jobs: AtomicU64,
+    /// Duration of the last commit, microseconds.
+    pub last_commit_us: AtomicU64,
+    /// Unix ms of the last processed job (the watchdog's heartbeat).
+    pub last_beat_ms: AtomicU64,
+    /// Jobs waiting in the queue (approximate).
+    pub queued: AtomicU64,
+}
+
+/// Handle to the writer thread.
+#[derive(Clone)]
+pub struct Writer<R> {
+    tx: mpsc::Sender<WriteJob<R>>,
+    /// Shared counters.
+    pub stats: Arc<WriterStats>,
+}
+
+impl<R: Send + 'static> Writer<R> {
+    /// Starts the writer thread on `conn`. `committed` receives each commit's results;
+    /// `fatal` receives the error if a commit fails (the daemon must then stop, since the
+    /// core's memory is ahead of the file).
+    pub fn spawn(
+        conn: Connection,
+        path: PathBuf,
+        queue: usize,
+        max_batch: usize,
+        committed: mpsc::UnboundedSender<Committed<R>>,
+        fatal: mpsc::UnboundedSender<StoreError>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel::<WriteJob<R>>(queue.max(1));
+        let stats = Arc::new(WriterStats::default());
+        let st = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, path, rx, max_batch.max(1), committed, fatal, st))?;
+        Ok((Self { tx, stats }, handle))
+    }
+
+    /// Queues a job; waits while the queue is full (backpressure).
+    pub async fn send(&self, job: WriteJob<R>) -> Result<(), StoreError> {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(job).await.map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Queues a job if there is room now.
+    pub fn try_send(&self, job: WriteJob<R>) -> Result<(), StoreError> {
+        self.tx
+            .try_send(job)
+            .map(|()| {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            })
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Free places in the queue.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity()
+    }
+
+    /// The queue's size.
+    pub fn max_capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
+}
+
+fn writer_loop<R>(
+    mut conn: Connection,
+    path: PathBuf,
+    mut rx: mpsc::Receiver<WriteJob<R>>,
+    max_batch: usize,
+    committed: mpsc::UnboundedSender<Committed<R>>,
+    fatal: mpsc::UnboundedSender<StoreError>,
+    stats: Arc<WriterStats>,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let started = Instant::now();
+        match apply_batch(&mut conn, &batch) {
+            Ok(outbox) => {
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stats.last_commit_us.store(us, Ordering::Relaxed);
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.jobs.fetch_add(n, Ordering::Relaxed);
+                stats.queued.fetch_sub(
+                    n.min(stats.queued.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+                stats
+                    .last_beat_ms
+                    .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::Relaxed);
+                let after: Vec<R> = batch.drain(..).filter_map(|j| j.after).collect();
+                if !outbox.is_empty() || !after.is_empty() {
+                    let _ = committed.send(Committed { outbox, after });
+                }
+            }
+            Err(source) => {
+                tracing::error!(error = %source, "commit failed; stopping so that a restart resumes from the file");
+                let _ = fatal.send(StoreError::Sqlite {
+                    path: path.clone(),
+                    source,
+                });
+                return;
+            }
+        }
+    }
+    // Queue closed: every sender is gone. Leave the file tidy.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA optimize;");
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the database");
+    }
+}
+
+fn apply_batch<R>(
+    conn: &mut Connection,
+    batch: &[WriteJob<R>],
+) -> rusqlite::Result<Vec<(i64, OutMsg)>> {
+    let now = now_ms();
+    let tx = conn.transaction()?;
+    let mut outbox = Vec::new();
+    for job in batch {
+        match &job.op {
+            Op::Ping => {}
+            Op::MarkSent(ids) => {
+                let mut st = tx.prepare_cached("UPDATE outbox SET sent_at = ?2 WHERE id = ?1")?;
+                for id in ids {
+                    st.execute(params![id, now])?;
+                }
+            }
+            Op::Apply(changes) => {
+                for ch in changes {
+                    apply_change(&tx, ch, now, &mut outbox)?;
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(outbox)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn apply_change(
+    tx: &rusqlite::Transaction<'_>,
+    ch: &Change,
+    now: Millis,
+    outbox: &mut Vec<(i64, OutMsg)>,
+) -> rusqlite::Result<()> {
+    match ch {
+        Change::Call(c) => {
+            tx.prepare_cached(
+                "INSERT INTO calls (id, request_id, status, tel, kiosk_id, created_at, updated_at, view, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at,
+                     view = excluded.view, body = excluded.body",
+            )?
+            .execute(params![
+                c.id,
+                c.request_id,
+                c.status.as_str(),
+                c.tel,
+                c.kiosk_id,
+                c.created_at,
+                c.updated_at,
+                to_json(&c.view())?,
+                to_json(c)?,
+            ])?;
+            let state = match c.status {
+                pickup_protocol::CallStatus::Requested
+                | pickup_protocol::CallStatus::Dispatching => {
+                    if c.offer.is_some() {
+                        "offered"
+                    } else {
+                        "pending"
+                    }
+                }
+                pickup_protocol::CallStatus::Assigned => "assigned",
+                pickup_protocol::CallStatus::PickedUp => "picked_up",
+                pickup_protocol::CallStatus::Completed => "done",
+                pickup_protocol::CallStatus::Cancelled => "cancelled",
+                pickup_protocol::CallStatus::Failed => "failed",
+            };
+            let courier = c
+                .courier
+                .as_ref()
+                .map(|b| b.courier_id.as_str())
+                .or_else(|| c.offer.as_ref().map(|o| o.courier_id.as_str()));
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO assignments
+                 (call_id, state, courier_id, offer_expires_at, grace_until, deadline_at, declined, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                c.id,
+                state,
+                courier,
+                c.offer.as_ref().map(|o| o.expires_at),
+                c.grace_until,
+                c.deadline_at,
+                to_json(&c.declined)?,
+                c.updated_at,
+            ])?;
+        }
+        Change::Courier(c) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO couriers (id, online, updated_at, body) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![c.id, c.online, now, to_json(c)?])?;
+        }
+        Change::Event(e) => {
+            tx.prepare_cached(
+                "INSERT INTO events (call_id, courier_id, kind, at, recorded_at, correlation, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                e.call_id,
+                e.courier_id,
+                e.kind,
+                e.at,
+                e.recorded_at,
+                e.correlation,
+                to_json(&e.data)?,
+            ])?;
+        }
+        Change::Request {
+            request_id,
+            call_id,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO requests (request_id, call_id, created_at) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![request_id, call_id, now])?;
+        }
+        Change::CourierReply {
+            reply_id,
+            courier_id,
+            call_id,
+            action,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO courier_replies (courier_id, reply_id, call_id, action, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![courier_id, reply_id, call_id, action.as_str(), now])?;
+        }
+        Change::Outbox(m) => {
+            tx.prepare_cached(
+                "INSERT INTO outbox (topic, payload, retain, expiry_s, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![m.topic, m.payload, m.retain, m.expiry_s, now])?;
+            outbox.push((tx.last_insert_rowid(), m.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// A read-only connection for status reads and lookups; never blocks the writer (WAL).
+pub struct Reader {
+    conn: Connection,
+}
+
+/// Just enough of a call to answer a request about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRow {
+    /// Call id.
+    pub id: String,
+    /// Status.
+    pub status: String,
+    /// Public view JSON.
+    pub view: String,
+}
+
+impl Reader {
+    /// Opens a read-only connection to an existing database.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sq(path))?;
+        conn.busy_timeout(std::time::Duration::from_secs(2))
+            .map_err(sq(path))?;
+        Ok(Self { conn })
+    }
+
+    /// A call's public view.
+    pub fn call(&self, id: &str) -> rusqlite::Result<Option<CallRow>> {
+        self.conn
+            .prepare_cached("SELECT id, status, view FROM calls WHERE id = ?1")?
+            .query_row([id], |r| {
+                Ok(CallRow {
+                    id: r.get(0)?,
+                    status: r.get(1)?,
+                    view: r.get(2)?,
+                })
+            })
+            .optional()
+    }
+
+    /// The full stored call (for the create answer of a repeated request).
+    pub fn call_body(&self, id: &str) -> rusqlite::Result<Option<Call>> {
+        let body: Option<String> = self
+            .conn
+            .prepare_cached("SELECT body FROM calls WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        Ok(body.and_then(|b| serde_json::from_str(&b).ok()))
+    }
+
+    /// The call a kiosk request id created.
+    pub fn call_for_request(&self, request_id: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT call_id FROM requests WHERE request_id = ?1")?
+            .query_row([request_id], |r| r.get(0))
+            .optional()
+    }
+
+    /// Whether a courier reply id was applied before, and to what.
+    pub fn courier_reply(
+        &self,
+        courier_id: &str,
+        reply_id: &str,
+    ) -> rusqlite::Result<Option<(String, String)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT call_id, action FROM courier_replies WHERE courier_id = ?1 AND reply_id = ?2",
+            )?
+            .query_row([courier_id, reply_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    }
+
+    /// Outbox rows not yet acknowledged.
+    pub fn outbox_backlog(&self) -> rusqlite::Result<i64> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM outbox WHERE sent_at IS NULL")?
+            .query_row([], |r| r.get(0))
+    }
+
+    /// The underlying connection (operator queries).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+#[cfg(test)]
+mod tests;

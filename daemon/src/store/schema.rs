@@ -1,0 +1,81 @@
+//! Versioned migrations, applied in order at start. `PRAGMA user_version` holds the number
+//! of migrations applied; a migration is never edited once released, only added.
+
+/// Each entry is one migration; index + 1 is the version it brings the file to.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the dispatch slice.
+    r#"
+    CREATE TABLE calls (
+        id          TEXT PRIMARY KEY,
+        request_id  TEXT NOT NULL UNIQUE,
+        status      TEXT NOT NULL,
+        tel         TEXT NOT NULL,
+        kiosk_id    TEXT,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        view        TEXT NOT NULL,   -- public CallView JSON: what state topics and get answers show
+        body        TEXT NOT NULL    -- the whole call, for restart
+    ) STRICT;
+    CREATE INDEX calls_live ON calls(status)
+        WHERE status NOT IN ('completed', 'cancelled', 'failed');
+    CREATE INDEX calls_updated ON calls(updated_at);
+
+    CREATE TABLE assignments (
+        call_id          TEXT PRIMARY KEY REFERENCES calls(id) ON DELETE CASCADE,
+        state            TEXT NOT NULL,  -- pending, offered, assigned, picked_up, done, cancelled, failed
+        courier_id       TEXT,
+        offer_expires_at INTEGER,
+        grace_until      INTEGER,
+        deadline_at      INTEGER NOT NULL,
+        declined         TEXT NOT NULL,  -- JSON array of courier ids
+        updated_at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX assignments_courier ON assignments(courier_id)
+        WHERE state IN ('offered', 'assigned', 'picked_up');
+
+    CREATE TABLE couriers (
+        id          TEXT PRIMARY KEY,
+        online      INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        body        TEXT NOT NULL
+    ) STRICT;
+
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY,
+        call_id     TEXT,
+        courier_id  TEXT,
+        kind        TEXT NOT NULL,
+        at          INTEGER NOT NULL,  -- when it happened (device time for courier actions)
+        recorded_at INTEGER NOT NULL,
+        correlation TEXT,
+        data        TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX events_call ON events(call_id);
+
+    CREATE TABLE outbox (
+        id          INTEGER PRIMARY KEY,
+        topic       TEXT NOT NULL,
+        payload     BLOB NOT NULL,
+        retain      INTEGER NOT NULL,
+        expiry_s    INTEGER,
+        created_at  INTEGER NOT NULL,
+        sent_at     INTEGER
+    ) STRICT;
+    CREATE INDEX outbox_unsent ON outbox(id) WHERE sent_at IS NULL;
+
+    CREATE TABLE requests (
+        request_id  TEXT PRIMARY KEY,
+        call_id     TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE courier_replies (
+        courier_id  TEXT NOT NULL,
+        reply_id    TEXT NOT NULL,
+        call_id     TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        PRIMARY KEY (courier_id, reply_id)
+    ) STRICT;
+    "#,
+];

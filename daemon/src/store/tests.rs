@@ -1,0 +1,153 @@
+//! Store tests on real SQLite files in a temp dir.
+
+use super::*;
+use crate::dispatch::{DispatchConfig, Dispatcher, NewCall};
+use pickup_protocol::{CreateCall, Location, Parcel, ParcelClass, Topics};
+
+fn decision_changes() -> Vec<Change> {
+    let mut d = Dispatcher::new(DispatchConfig::default(), Topics::new("t").unwrap());
+    let dec = d.create_call(
+        NewCall {
+            id: "c1".into(),
+            pickup_code: "1234".into(),
+            req: CreateCall {
+                request_id: "r1".into(),
+                tel: "010-1234-5678".into(),
+                location: Location {
+                    lat: 37.5,
+                    lon: 127.0,
+                    label: None,
+                },
+                parcel: Parcel {
+                    class: ParcelClass::Light,
+                    weight_kg: None,
+                    weight_source: None,
+                },
+                kiosk_id: None,
+                scale_id: None,
+                destination: None,
+            },
+            price: None,
+            class_corrected: None,
+            correlation: Some("corr-1".into()),
+        },
+        1_000,
+    );
+    dec.changes
+}
+
+#[test]
+fn migrates_fresh_and_reopens_existing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub").join("p.db");
+    let conn = open(&path).unwrap();
+    assert_eq!(
+        schema_version(&conn).unwrap(),
+        schema::MIGRATIONS.len() as i64
+    );
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let sync: i64 = conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sync, 2, "synchronous = FULL");
+    conn.execute(
+        "INSERT INTO requests (request_id, call_id, created_at) VALUES ('x', 'y', 1)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Reopening keeps data and does not re-run migrations.
+    let conn = open(&path).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn refuses_newer_schema_and_damaged_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let conn = open(&path).unwrap();
+    conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(conn);
+    assert!(matches!(
+        open(&path),
+        Err(StoreError::TooNew { found: 99, .. })
+    ));
+
+    let bad = dir.path().join("bad.db");
+    std::fs::write(&bad, vec![0x5a; 8192]).unwrap();
+    let before = std::fs::read(&bad).unwrap();
+    let err = open(&bad).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("refusing to start"));
+    assert_eq!(
+        std::fs::read(&bad).unwrap(),
+        before,
+        "damaged file left untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_commits_groups_and_hands_on_outbox_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let conn = open(&path).unwrap();
+    let (ctx, mut crx) = mpsc::unbounded_channel();
+    let (ftx, _frx) = mpsc::unbounded_channel();
+    let (w, handle) = Writer::<u32>::spawn(conn, path.clone(), 64, 32, ctx, ftx).unwrap();
+    let changes = decision_changes();
+    let n_out = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Outbox(_)))
+        .count();
+    w.send(WriteJob {
+        op: Op::Apply(changes),
+        after: Some(7),
+    })
+    .await
+    .unwrap();
+    let done = crx.recv().await.unwrap();
+    assert_eq!(done.after, vec![7]);
+    assert_eq!(done.outbox.len(), n_out);
+    // Read side sees it once committed.
+    let r = Reader::open(&path).unwrap();
+    let row = r.call("c1").unwrap().unwrap();
+    assert_eq!(row.status, "requested");
+    assert!(!row.view.contains("1234-5678"));
+    assert_eq!(r.call_for_request("r1").unwrap().as_deref(), Some("c1"));
+    assert_eq!(r.outbox_backlog().unwrap(), n_out as i64);
+    // Marking sent empties the backlog.
+    let ids = done.outbox.iter().map(|(id, _)| *id).collect();
+    w.send(WriteJob {
+        op: Op::MarkSent(ids),
+        after: Some(8),
+    })
+    .await
+    .unwrap();
+    assert_eq!(crx.recv().await.unwrap().after, vec![8]);
+    assert_eq!(r.outbox_backlog().unwrap(), 0);
+    // Load after restart.
+    drop(w);
+    handle.join().unwrap();
+    let conn = open(&path).unwrap();
+    let loaded = load(&conn, &path, 2_000, 60_000).unwrap();
+    assert_eq!(loaded.calls.len(), 1);
+    assert_eq!(loaded.calls[0].notices, 1);
+    assert!(loaded.unsent.is_empty());
+    let events: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM events WHERE correlation = 'corr-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(events, 1);
+}
