@@ -2,12 +2,19 @@
 //!
 //! Layout:
 //! - [`dispatch`]: the pure saga (calls, couriers, assignment), no I/O;
-//! - [`store`]: SQLite — one writer thread group-committing decisions, a read-only
-//!   connection for status reads, migrations;
+//! - [`store`]: SQLite — one writer thread group-committing decisions, read-only
+//!   connections for status reads, migrations;
 //! - [`config`]: layered settings (defaults → TOML → `PICKUPD__…` environment);
 //! - [`app`]: the running daemon — the MQTT adapter, the dispatch loop, the outbox
 //!   publisher and the status reader wired together;
-//! - [`ctl`]: what `pickupctl` does.
+//! - [`ctl`]: what `pickupctl` does;
+//! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
+//! - [`logging`]: log setup.
 
+pub mod app;
+pub mod config;
+pub mod ctl;
+pub mod demo;
 pub mod dispatch;
+pub mod logging;
 pub mod store;

@@ -1282,6 +1282,35 @@ impl Dispatcher {
         self.finish(d)
     }
 
+    /// The retained messages that describe the current state (call views and courier
+    /// jobs), for a broker that lost its retained store.
+    pub fn retained_snapshot(&self, now: Millis) -> Vec<OutMsg> {
+        let mut d = Decision::default();
+        for call in self.calls.values() {
+            self.publish_state(&mut d, call);
+        }
+        for c in self.couriers.values() {
+            let (call_id, kind) = match (&c.active_call, &c.offered_call) {
+                (Some(id), _) => (id, None),
+                (None, Some(id)) => (id, Some(JobKind::Offer)),
+                (None, None) => continue,
+            };
+            let Some(call) = self.calls.get(call_id) else { continue };
+            let kind = kind.unwrap_or(match call.status {
+                CallStatus::PickedUp => JobKind::PickedUp,
+                _ => JobKind::Assigned,
+            });
+            self.publish_job(&mut d, &c.id, &Self::job_for(call, kind, now, None));
+        }
+        d.changes
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::Outbox(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// When [`Dispatcher::tick`] next has something to do.
     pub fn next_wakeup(&self) -> Option<Millis> {
         self.calls

@@ -1,0 +1,329 @@
+//! The MQTT side: polls the client's event loop (with backoff after errors), resubscribes
+//! when the broker did not keep the session, decodes and validates every message, and
+//! routes it: status reads to the reader, everything else to the dispatch loop. Bad input
+//! is answered (or dropped with a log line when there is no reply path) right here.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pickup_protocol::answer::{decode_report, decode_request};
+use pickup_protocol::client::{Backoff, Link, LinkEvent, LinkEvents, Message};
+use pickup_protocol::topic::ReplyOwner;
+use pickup_protocol::{
+    CancelCall, CourierLocation, CreateCall, ErrorBody, ErrorCode, GetCall, Inbound, JobReply,
+    Presence, ReplyPath, Topics,
+};
+use tokio::sync::{mpsc, watch};
+
+use super::publisher::{PubIn, Reply};
+use crate::dispatch::ReplyBody;
+
+/// A decoded, validated input for the dispatch loop.
+#[derive(Debug)]
+pub enum Input {
+    /// `calls/create`
+    Create(Box<CreateCall>, ReplyPath),
+    /// `calls/<id>/cancel`
+    Cancel(String, CancelCall, ReplyPath),
+    /// `couriers/<cid>/presence`
+    Presence(String, Presence),
+    /// `couriers/<cid>/location`
+    Location(String, CourierLocation),
+    /// `couriers/<cid>/job/reply`
+    JobReply(String, JobReply, ReplyPath),
+    /// The broker lost our session: retained state must be published again.
+    Resync,
+}
+
+/// A status read for the reader.
+#[derive(Debug)]
+pub struct GetRequest {
+    /// Call id.
+    pub call_id: String,
+    /// Where to answer.
+    pub path: ReplyPath,
+}
+
+/// Shared flags and counters of the MQTT side.
+#[derive(Debug, Default)]
+pub struct MqttState {
+    /// Connected to the broker.
+    pub connected: AtomicBool,
+    /// Subscriptions confirmed on the current connection.
+    pub subscribed: AtomicBool,
+    /// Stopping: new calls are refused with `busy`.
+    pub stopping: AtomicBool,
+    /// Unix ms of the last event (heartbeat).
+    pub last_beat_ms: AtomicU64,
+    /// Messages dropped as malformed.
+    pub rejected: AtomicU64,
+}
+
+/// Everything the inbound task needs.
+pub struct InboundCtx {
+    /// Topics of the site.
+    pub topics: Topics,
+    /// Client handle (subscribe).
+    pub link: Link,
+    /// Dispatch loop input.
+    pub dispatch: mpsc::Sender<Input>,
+    /// Reader input.
+    pub reads: std::sync::mpsc::SyncSender<GetRequest>,
+    /// Publisher input.
+    pub publisher: mpsc::UnboundedSender<PubIn>,
+    /// Flags.
+    pub state: Arc<MqttState>,
+    /// Heavy threshold for parcel validation.
+    pub heavy_kg: watch::Receiver<f64>,
+    /// Reconnect backoff ceiling.
+    pub reconnect_max: Duration,
+}
+
+fn beat(state: &MqttState) {
+    state.last_beat_ms.store(
+        u64::try_from(crate::store::now_ms()).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+}
+
+/// Runs until the client is closed.
+pub async fn run(mut events: LinkEvents, ctx: InboundCtx) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), ctx.reconnect_max);
+    let mut first = true;
+    loop {
+        let ev = events.poll().await;
+        beat(&ctx.state);
+        match ev {
+            Ok(LinkEvent::Connected { session_present }) => {
+                backoff.reset();
+                ctx.state.connected.store(true, Ordering::Relaxed);
+                tracing::info!(session_present, "connected to the broker");
+                ctx.state.subscribed.store(false, Ordering::Relaxed);
+                // Subscribe on every connection (harmless when the session was kept).
+                // Not from this task: the call may wait on the client's channel, which
+                // only this task drains.
+                let link = ctx.link.clone();
+                let filters = ctx.topics.daemon_subscriptions();
+                tokio::spawn(async move {
+                    if let Err(e) = link.subscribe_many(&filters).await {
+                        tracing::warn!(error = %e, "subscribe failed");
+                    }
+                });
+                if !session_present && !first {
+                    let _ = ctx.publisher.send(PubIn::SessionLost);
+                    let _ = ctx.dispatch.send(Input::Resync).await;
+                }
+                first = false;
+            }
+            Ok(LinkEvent::SubAck) => {
+                ctx.state.subscribed.store(true, Ordering::Relaxed);
+            }
+            Ok(LinkEvent::PublishSent(pkid)) => {
+                let _ = ctx.publisher.send(PubIn::Sent(pkid));
+            }
+            Ok(LinkEvent::PubAck(pkid)) => {
+                let _ = ctx.publisher.send(PubIn::Acked(pkid));
+            }
+            Ok(LinkEvent::Message(m)) => route(&ctx, m).await,
+            Ok(LinkEvent::Other) => {}
+            Err(e) => {
+                let was = ctx.state.connected.swap(false, Ordering::Relaxed);
+                ctx.state.subscribed.store(false, Ordering::Relaxed);
+                if e.to_string().contains("Requests done") {
+                    return;
+                }
+                let wait = backoff.next_delay();
+                if was {
+                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                } else {
+                    tracing::debug!(error = %e, ?wait, "broker not reachable; retrying");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn reply(ctx: &InboundCtx, path: ReplyPath, body: ReplyBody) {
+    if path.topic.is_some() {
+        let _ = ctx.publisher.send(PubIn::Direct(Reply { path, body }));
+    }
+}
+
+/// Combines MQTT 5 properties and payload fields into a reply path whose topic is
+/// confined to reply topics, so a request cannot make the daemon publish elsewhere.
+fn reply_path(ctx: &InboundCtx, m: &Message, from_payload: ReplyPath) -> ReplyPath {
+    let mut p = from_payload;
+    if m.response_topic.is_some() {
+        p.topic = m.response_topic.clone();
+    }
+    if m.correlation_data.is_some() {
+        p.correlation_data = m.correlation_data.clone();
+    }
+    if let Some(t) = &p.topic {
+        match ctx.topics.parse_reply_topic(t) {
+            Ok(ReplyOwner::Kiosk(_) | ReplyOwner::Client(_) | ReplyOwner::Courier(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing reply topic");
+                p.topic = None;
+            }
+        }
+    }
+    p
+}
+
+fn bad(ctx: &InboundCtx, topic: &str, path: ReplyPath, err: ErrorBody) {
+    ctx.state.rejected.fetch_add(1, Ordering::Relaxed);
+    if path.topic.is_none() {
+        tracing::warn!(topic, code = err.code.as_str(), error = %err.message, "dropped bad message (no reply path)");
+    } else {
+        tracing::debug!(topic, code = err.code.as_str(), error = %err.message, "refused bad request");
+    }
+    reply(ctx, path, ReplyBody::Error(err));
+}
+
+fn busy(ctx: &InboundCtx, path: ReplyPath, retry_after_ms: u64, why: &str) {
+    reply(ctx, path, ReplyBody::Error(ErrorBody::busy(retry_after_ms, why)));
+}
+
+async fn route(ctx: &InboundCtx, m: Message) {
+    let kind = match ctx.topics.parse(&m.topic) {
+        Ok(k) => k,
+        Err(e) => {
+            // Only reachable with a broker that delivers beyond our filters.
+            tracing::debug!(error = %e, "ignored message on unexpected topic");
+            return;
+        }
+    };
+    if m.retain && !matches!(kind, Inbound::Presence(_)) {
+        // Retained requests are stale by definition (someone published with retain by
+        // mistake); executing them at every reconnect would repeat them.
+        tracing::warn!(topic = %m.topic, "ignored retained request");
+        return;
+    }
+    match kind {
+        Inbound::CreateCall => {
+            let (p, res) = decode_request::<CreateCall>(&m.payload);
+            let path = reply_path(ctx, &m, p);
+            let req = match res {
+                Ok(r) => r,
+                Err(e) => return bad(ctx, &m.topic, path, e.to_body()),
+            };
+            let heavy = *ctx.heavy_kg.borrow();
+            if let Err(e) = req.validate(heavy) {
+                return bad(ctx, &m.topic, path, ErrorBody::new(ErrorCode::Invalid, e));
+            }
+            if ctx.state.stopping.load(Ordering::Relaxed) {
+                return busy(ctx, path, 5_000, "pickupd is restarting; retry shortly");
+            }
+            if let Err(e) = ctx.dispatch.try_send(Input::Create(Box::new(req), path)) {
+                let path = match e.into_inner() {
+                    Input::Create(_, p) => p,
+                    _ => return,
+                };
+                busy(ctx, path, retry_after(ctx), "too many requests in progress");
+            }
+        }
+        Inbound::CancelCall(id) => {
+            let (p, res) = decode_request::<CancelCall>(&m.payload);
+            let path = reply_path(ctx, &m, p);
+            let body = match res {
+                Ok(b) => b,
+                Err(e) => return bad(ctx, &m.topic, path, e.to_body()),
+            };
+            if let Some(r) = &body.reason {
+                if let Err(e) = pickup_protocol::validate::text("reason", r) {
+                    return bad(ctx, &m.topic, path, ErrorBody::new(ErrorCode::Invalid, e));
+                }
+            }
+            // Cancels are never shed: they only free capacity.
+            if ctx
+                .dispatch
+                .send(Input::Cancel(id.to_string(), body, path))
+                .await
+                .is_err()
+            {
+                tracing::debug!("dispatch loop gone");
+            }
+        }
+        Inbound::GetCall(id) => {
+            let (p, res) = decode_request::<GetCall>(&m.payload);
+            let path = reply_path(ctx, &m, p);
+            if let Err(e) = res {
+                return bad(ctx, &m.topic, path, e.to_body());
+            }
+            let req = GetRequest {
+                call_id: id.to_string(),
+                path,
+            };
+            if let Err(e) = ctx.reads.try_send(req) {
+                let req = match e {
+                    std::sync::mpsc::TrySendError::Full(r)
+                    | std::sync::mpsc::TrySendError::Disconnected(r) => r,
+                };
+                busy(ctx, req.path, 200, "too many status reads in progress");
+            }
+        }
+        Inbound::Presence(cid) => {
+            if m.payload.is_empty() {
+                return; // A cleared retained presence.
+            }
+            match decode_report::<Presence>(&m.payload)
+                .map_err(|e| e.to_body())
+                .and_then(|p| {
+                    p.validate()
+                        .map(|()| p)
+                        .map_err(|e| ErrorBody::new(ErrorCode::Invalid, e))
+                }) {
+                Ok(p) => {
+                    let _ = ctx.dispatch.send(Input::Presence(cid.to_string(), p)).await;
+                }
+                Err(e) => bad(ctx, &m.topic, ReplyPath::default(), e),
+            }
+        }
+        Inbound::Location(cid) => {
+            match decode_report::<CourierLocation>(&m.payload)
+                .map_err(|e| e.to_body())
+                .and_then(|l| {
+                    l.validate()
+                        .map(|()| l)
+                        .map_err(|e| ErrorBody::new(ErrorCode::Invalid, e))
+                }) {
+                Ok(l) => {
+                    // Positions are frequent and superseded by the next one: shed them
+                    // first when the loop is saturated.
+                    let _ = ctx.dispatch.try_send(Input::Location(cid.to_string(), l));
+                }
+                Err(e) => bad(ctx, &m.topic, ReplyPath::default(), e),
+            }
+        }
+        Inbound::JobReply(cid) => {
+            let (p, res) = decode_request::<JobReply>(&m.payload);
+            let path = reply_path(ctx, &m, p);
+            let r = match res {
+                Ok(r) => r,
+                Err(e) => return bad(ctx, &m.topic, path, e.to_body()),
+            };
+            if let Err(e) = r.validate() {
+                return bad(ctx, &m.topic, path, ErrorBody::new(ErrorCode::Invalid, e));
+            }
+            if ctx
+                .dispatch
+                .send(Input::JobReply(cid.to_string(), r, path))
+                .await
+                .is_err()
+            {
+                tracing::debug!("dispatch loop gone");
+            }
+        }
+    }
+}
+
+/// A retry hint from the current backlog, with jitter so kiosks do not retry in step.
+fn retry_after(ctx: &InboundCtx) -> u64 {
+    use rand::Rng;
+    let backlog = ctx.dispatch.max_capacity() - ctx.dispatch.capacity();
+    let base = 200 + (backlog as u64).min(10_000) / 2;
+    base + rand::rng().random_range(0..=base / 2)
+}

@@ -1,0 +1,645 @@
+//! The running daemon: adapters around the dispatch core, wired together.
+//!
+//! Tasks and threads, each owning its part:
+//! - `inbound` (task): the MQTT event loop; decodes, validates and routes messages;
+//! - the dispatch loop (task): owns the [`Dispatcher`], turns inputs and timers into
+//!   decisions and queues them for the writer;
+//! - the store writer (thread): group-commits decisions, then hands outbox rows and
+//!   answers to the publisher;
+//! - `publisher` (task): the only publisher; drains the outbox at least once;
+//! - the reader (thread): answers status reads from a read-only connection, never waiting
+//!   on writes.
+
+pub mod inbound;
+pub mod publisher;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use pickup_protocol::answer::CreateAnswer;
+use pickup_protocol::client::{self, BrokerUrl, LinkOptions, Version, Will};
+use pickup_protocol::{
+    CallStatus, DaemonState, DaemonStatus, ErrorBody, ErrorCode, Millis, ReplyPath, Topics,
+};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::inbound::{GetRequest, Input, InboundCtx, MqttState};
+use self::publisher::{AfterCommit, PubIn, PublisherStats, Reply};
+use crate::config::Config;
+use crate::dispatch::{CancelledBy, Decision, Dispatcher, NewCall, OutMsg, ReplyBody};
+use crate::store::{self, now_ms, Op, Reader, StoreError, WriteJob, Writer};
+
+/// Live counters, for the status line, metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Calls waiting for a courier.
+    pub dispatching: AtomicU64,
+    /// Couriers online.
+    pub couriers_online: AtomicU64,
+    /// Unix ms of the dispatch loop's last turn (heartbeat).
+    pub dispatch_beat_ms: AtomicU64,
+}
+
+/// A started daemon.
+pub struct Running {
+    /// Where clients connect (the embedded broker's MQTT 3.1.1 listener, or the external
+    /// broker's address).
+    pub broker_addr: std::net::SocketAddr,
+    /// The embedded broker's MQTT 5 listener, if configured.
+    pub broker_v5_addr: Option<std::net::SocketAddr>,
+    /// Becomes true once the store is open and the subscriptions are confirmed.
+    pub ready: watch::Receiver<bool>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// MQTT flags.
+    pub mqtt: Arc<MqttState>,
+    /// Writer counters.
+    pub writer_stats: Arc<store::WriterStats>,
+    /// Publisher counters.
+    pub publisher_stats: Arc<PublisherStats>,
+    /// The embedded broker (None with an external one).
+    pub broker: Option<pickup_broker::Broker>,
+    shutdown: Option<oneshot::Sender<()>>,
+    fatal: mpsc::UnboundedReceiver<StoreError>,
+    done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Stops gracefully: refuses new calls, finishes and commits what is in progress,
+    /// flushes the outbox (bounded by `timeout`), publishes `daemon/state` = stopping,
+    /// closes the database.
+    pub async fn shutdown(mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.mqtt.stopping.store(true, Ordering::Relaxed);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let res = match self.done.take() {
+            Some(h) => match tokio::time::timeout(timeout + Duration::from_secs(2), h).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => Err(anyhow::anyhow!("daemon task failed: {e}")),
+                Err(_) => Err(anyhow::anyhow!("shutdown took longer than {timeout:?}")),
+            },
+            None => Ok(()),
+        };
+        if let Some(b) = self.broker.take() {
+            b.shutdown();
+        }
+        res
+    }
+
+    /// Resolves when a fatal store error happens (the daemon must exit non-zero).
+    pub async fn fatal(&mut self) -> StoreError {
+        match self.fatal.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn new_call_id(now: Millis) -> String {
+    // Time-ordered (12 hex digits of ms) plus 20 random bits: unique without a lookup.
+    let r: u32 = rand::rng().random_range(0..(1 << 20));
+    format!("c{:012x}{:05x}", now.max(0), r)
+}
+
+fn new_pickup_code() -> String {
+    format!("{:06}", rand::rng().random_range(0..1_000_000u32))
+}
+
+/// Starts the daemon: store, broker (embedded unless `mqtt.url`), MQTT client, loops.
+/// Returns once everything runs; `ready` turns true when subscriptions are confirmed.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let topics = Topics::new(&cfg.site).context("site")?;
+    let path: PathBuf = cfg.store.path.clone();
+    let now = now_ms();
+
+    // Store first: a damaged file must stop us before anything is announced.
+    let conn = store::open(&path)?;
+    let dcfg = cfg.dispatch_config();
+    let loaded = store::load(&conn, &path, now, dcfg.keep_terminal_ms)?;
+    tracing::info!(
+        path = %path.display(),
+        calls = loaded.calls.len(),
+        couriers = loaded.couriers.len(),
+        unsent = loaded.unsent.len(),
+        "store open"
+    );
+    let mut core = Dispatcher::new(dcfg, topics.clone());
+    core.restore(loaded.calls, loaded.couriers);
+
+    // Broker.
+    let (broker, url) = if cfg.mqtt.url.is_empty() {
+        let b = pickup_broker::Broker::start(cfg.broker.clone())?;
+        let addr = b.v4_addr();
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                listen = %addr,
+                "the embedded broker listens beyond loopback and has no per-topic authorization: any client that can connect may read and publish every topic; use Mosquitto with the generated ACL for production (README, \"Production broker\")"
+            );
+        }
+        let url = BrokerUrl {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        };
+        (Some(b), url)
+    } else {
+        (None, BrokerUrl::parse(&cfg.mqtt.url)?)
+    };
+    let broker_addr = match &broker {
+        Some(b) => b.v4_addr(),
+        None => tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], url.port))),
+    };
+    let broker_v5_addr = broker.as_ref().and_then(|b| b.v5_addr());
+
+    // MQTT client: persistent session under a fixed id, last will "lost".
+    let mut lo = LinkOptions::new(url, cfg.mqtt.client_id.clone());
+    lo.version = if cfg.mqtt.version == 5 {
+        Version::V5
+    } else {
+        Version::V4
+    };
+    lo.clean_session = false;
+    lo.keep_alive_s = cfg.mqtt.keep_alive_s;
+    lo.max_packet = cfg.broker.max_payload.max(pickup_protocol::MAX_PAYLOAD * 4);
+    lo.inflight = 100;
+    lo.channel_capacity = 4096;
+    if let (Some(u), Some(p)) = (&cfg.mqtt.username, &cfg.mqtt.password) {
+        lo.credentials = Some((u.clone(), p.clone()));
+    }
+    lo.will = Some(Will {
+        topic: topics.daemon_state(),
+        payload: serde_json::to_vec(&DaemonState {
+            state: DaemonStatus::Lost,
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            at: None,
+        })
+        .unwrap_or_default(),
+        retain: true,
+        delay_s: None,
+    });
+    let (link, events) = client::link(&lo);
+
+    // Writer and publisher.
+    let (committed_tx, mut committed_rx) = mpsc::unbounded_channel();
+    let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
+    let (writer, writer_thread) = Writer::<AfterCommit>::spawn(
+        conn,
+        path.clone(),
+        cfg.store.queue,
+        cfg.store.max_batch,
+        committed_tx,
+        fatal_tx,
+    )?;
+    let writer_stats = writer.stats.clone();
+    let (pub_tx, pub_rx) = mpsc::unbounded_channel::<PubIn>();
+    {
+        // Commits reach the publisher through the same ordered channel as everything else.
+        let pub_tx = pub_tx.clone();
+        tokio::spawn(async move {
+            while let Some(c) = committed_rx.recv().await {
+                if pub_tx.send(PubIn::Committed(c)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let publisher_stats = Arc::new(PublisherStats::default());
+    let publisher = tokio::spawn(publisher::run(
+        link.clone(),
+        pub_rx,
+        writer.clone(),
+        loaded.unsent,
+        publisher_stats.clone(),
+    ));
+
+    // Reader thread for status reads.
+    let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<GetRequest>(cfg.limits.read_queue);
+    let reader = Reader::open(&path)?;
+    {
+        let pub_tx = pub_tx.clone();
+        std::thread::Builder::new()
+            .name("status-reader".into())
+            .spawn(move || serve_reads(reader, read_rx, pub_tx))?;
+    }
+
+    // Inbound MQTT task.
+    let mqtt_state = Arc::new(MqttState::default());
+    let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
+    let (heavy_tx, heavy_rx) = watch::channel(cfg.dispatch.heavy_kg);
+    let inbound = tokio::spawn(inbound::run(
+        events,
+        InboundCtx {
+            topics: topics.clone(),
+            link: link.clone(),
+            dispatch: dispatch_tx.clone(),
+            reads: read_tx,
+            publisher: pub_tx.clone(),
+            state: mqtt_state.clone(),
+            heavy_kg: heavy_rx,
+            reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
+        },
+    ));
+
+    // Readiness: subscriptions confirmed → retained daemon state "ready".
+    let (ready_tx, ready_rx) = watch::channel(false);
+    {
+        let st = mqtt_state.clone();
+        let pub_tx = pub_tx.clone();
+        let topic = topics.daemon_state();
+        tokio::spawn(async move {
+            let mut was = false;
+            loop {
+                let now = st.subscribed.load(Ordering::Relaxed) && st.connected.load(Ordering::Relaxed);
+                if now && !was {
+                    let _ = pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready)));
+                    let _ = ready_tx.send(true);
+                }
+                was = now;
+                if st.stopping.load(Ordering::Relaxed) || ready_tx.is_closed() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+
+    let stats = Arc::new(Stats::default());
+    let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let reader = Reader::open(&path)?;
+    let lp = DispatchLoop {
+        core,
+        reader,
+        writer: writer.clone(),
+        publisher: pub_tx.clone(),
+        stats: stats.clone(),
+        max_dispatching: cfg.limits.max_dispatching,
+        topics: topics.clone(),
+    };
+    let done = {
+        let link = link.clone();
+        let mqtt_state = mqtt_state.clone();
+        let topics = topics.clone();
+        tokio::spawn(async move {
+            lp.run(dispatch_rx, shutdown_rx).await;
+            drop(heavy_tx);
+            // Everything the loop queued is committed and handed on once this barrier fires.
+            let (btx, brx) = oneshot::channel();
+            let _ = writer
+                .send(WriteJob {
+                    op: Op::Ping,
+                    after: Some(AfterCommit::Barrier(btx)),
+                })
+                .await;
+            let _ = brx.await;
+            // Wait (bounded) for the broker to acknowledge the outbox.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let (tx, rx) = oneshot::channel();
+                if pub_tx.send(PubIn::Backlog(tx)).is_err() {
+                    break;
+                }
+                match rx.await {
+                    Ok(0) => break,
+                    Ok(n) if tokio::time::Instant::now() >= deadline => {
+                        tracing::warn!(unacked = n, "stopping with outbox rows unacknowledged; they are sent after the restart");
+                        break;
+                    }
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(_) => break,
+                }
+            }
+            let _ = pub_tx.send(PubIn::Raw(daemon_state(&topics.daemon_state(), DaemonStatus::Stopping)));
+            let (tx, rx) = oneshot::channel();
+            let _ = pub_tx.send(PubIn::Backlog(tx));
+            let _ = rx.await;
+            drop(pub_tx);
+            drop(writer);
+            drop(dispatch_tx);
+            let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+            // Give the client a moment to put "stopping" on the wire, then say goodbye
+            // (a clean DISCONNECT does not fire the "lost" will).
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while mqtt_state.connected.load(Ordering::Relaxed) {
+                    if link.disconnect().await.is_ok() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), inbound).await;
+            tokio::task::spawn_blocking(move || writer_thread.join())
+                .await
+                .ok();
+            tracing::info!("stopped");
+            Ok(())
+        })
+    };
+
+    Ok(Running {
+        broker_addr,
+        broker_v5_addr,
+        ready: ready_rx,
+        stats,
+        mqtt: mqtt_state,
+        writer_stats,
+        publisher_stats,
+        broker,
+        shutdown: Some(shutdown_tx),
+        fatal: fatal_rx,
+        done: Some(done),
+    })
+}
+
+fn daemon_state(topic: &str, state: DaemonStatus) -> OutMsg {
+    OutMsg {
+        topic: topic.to_string(),
+        payload: serde_json::to_vec(&DaemonState {
+            state,
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            at: Some(now_ms()),
+        })
+        .unwrap_or_default(),
+        retain: true,
+        expiry_s: None,
+    }
+}
+
+/// Answers status reads from the read-only connection.
+fn serve_reads(
+    reader: Reader,
+    rx: std::sync::mpsc::Receiver<GetRequest>,
+    publisher: mpsc::UnboundedSender<PubIn>,
+) {
+    while let Ok(req) = rx.recv() {
+        let body = match reader.call(&req.call_id) {
+            Ok(Some(row)) => match serde_json::from_str(&row.view) {
+                Ok(view) => ReplyBody::Call(Box::new(view)),
+                Err(e) => ReplyBody::Error(ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("stored view unreadable: {e}"),
+                )),
+            },
+            Ok(None) => ReplyBody::Error(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no call {}", req.call_id),
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "status read failed");
+                ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "status read failed"))
+            }
+        };
+        if publisher
+            .send(PubIn::Direct(Reply {
+                path: req.path,
+                body,
+            }))
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// The dispatch loop: owns the core, turns inputs and timers into decisions.
+struct DispatchLoop {
+    core: Dispatcher,
+    reader: Reader,
+    writer: Writer<AfterCommit>,
+    publisher: mpsc::UnboundedSender<PubIn>,
+    stats: Arc<Stats>,
+    max_dispatching: usize,
+    topics: Topics,
+}
+
+impl DispatchLoop {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut shutdown: oneshot::Receiver<()>) {
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Recovery: timers were restored with their stored times; catch up at once.
+        let d = self.core.tick(now_ms());
+        self.submit(d, None).await;
+        loop {
+            let wake = self.core.next_wakeup();
+            let sleep = async {
+                match wake {
+                    Some(at) => {
+                        let ms = u64::try_from(at.saturating_sub(now_ms()).max(0)).unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(ms)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                msg = rx.recv() => match msg {
+                    Some(m) => self.handle(m).await,
+                    None => break,
+                },
+                _ = sleep => {
+                    let d = self.core.tick(now_ms());
+                    self.submit(d, None).await;
+                }
+                _ = heartbeat.tick() => {
+                    // Proves the loop turns and the writer takes work (watchdog).
+                    let _ = self.writer.try_send(WriteJob { op: Op::Ping, after: None });
+                }
+            }
+            if self.core.wants_assign() {
+                let d = self.core.assign_pending(now_ms());
+                self.submit(d, None).await;
+            }
+            self.stats
+                .dispatching
+                .store(self.core.pending_count() as u64, Ordering::Relaxed);
+            self.stats
+                .couriers_online
+                .store(self.core.online_count() as u64, Ordering::Relaxed);
+            self.stats
+                .dispatch_beat_ms
+                .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::Relaxed);
+        }
+        // Inputs still queued are requests not yet answered: kiosks retry them.
+        rx.close();
+    }
+
+    /// Queues a decision; its answer goes out after the commit that holds it.
+    async fn submit(&mut self, d: Decision, path: Option<ReplyPath>) {
+        let after = match (d.reply, path) {
+            (Some(body), Some(path)) if path.topic.is_some() => {
+                Some(AfterCommit::Reply(Reply { path, body }))
+            }
+            _ => None,
+        };
+        if d.changes.is_empty() && after.is_none() {
+            return;
+        }
+        if let Err(e) = self
+            .writer
+            .send(WriteJob {
+                op: Op::Apply(d.changes),
+                after,
+            })
+            .await
+        {
+            tracing::error!(error = %e, "cannot queue a decision");
+        }
+    }
+
+    fn direct(&self, path: ReplyPath, body: ReplyBody) {
+        if path.topic.is_some() {
+            let _ = self.publisher.send(PubIn::Direct(Reply { path, body }));
+        }
+    }
+
+    async fn handle(&mut self, input: Input) {
+        let now = now_ms();
+        match input {
+            Input::Create(req, path) => {
+                let span = tracing::info_span!("create", request_id = %req.request_id);
+                let _g = span.enter();
+                if self.core.call_for_request(&req.request_id).is_none() {
+                    // An older call for the same request id, no longer in memory.
+                    match self.reader.call_for_request(&req.request_id) {
+                        Ok(Some(call_id)) => {
+                            let body = match self.reader.call_body(&call_id) {
+                                Ok(Some(call)) => ReplyBody::Create(Box::new(CreateAnswer {
+                                    call: call.view(),
+                                    pickup_code: call.pickup_code.clone(),
+                                    duplicate: true,
+                                    class_corrected: None,
+                                })),
+                                _ => ReplyBody::Error(ErrorBody::new(
+                                    ErrorCode::Internal,
+                                    "stored call unreadable",
+                                )),
+                            };
+                            return self.direct(path, body);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "request id lookup failed");
+                            return self.direct(
+                                path,
+                                ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "lookup failed")),
+                            );
+                        }
+                    }
+                    if self.core.pending_count() >= self.max_dispatching {
+                        let ms = 1_000 + rand::rng().random_range(0..1_000);
+                        return self.direct(
+                            path,
+                            ReplyBody::Error(ErrorBody::busy(
+                                ms,
+                                "too many calls are waiting for a courier",
+                            )),
+                        );
+                    }
+                }
+                let new = NewCall {
+                    id: new_call_id(now),
+                    pickup_code: new_pickup_code(),
+                    correlation: path
+                        .payload_correlation()
+                        .map(str::to_string)
+                        .or_else(|| Some(req.request_id.clone())),
+                    req: *req,
+                    price: None,
+                    class_corrected: None,
+                };
+                let d = self.core.create_call(new, now);
+                if let Some(ReplyBody::Create(a)) = &d.reply {
+                    if !a.duplicate {
+                        tracing::info!(call_id = %a.call.call_id, "call accepted");
+                    }
+                }
+                self.submit(d, Some(path)).await;
+            }
+            Input::Cancel(id, body, path) => {
+                if self.core.call(&id).is_none() {
+                    let body = match self.reader.call(&id) {
+                        Ok(Some(row)) if row.status == CallStatus::Cancelled.as_str() => {
+                            match serde_json::from_str(&row.view) {
+                                Ok(v) => ReplyBody::Call(Box::new(v)),
+                                Err(_) => ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "stored view unreadable")),
+                            }
+                        }
+                        Ok(Some(row)) => ReplyBody::Error(ErrorBody::new(
+                            ErrorCode::InvalidState,
+                            format!("call {id} is {} and can no longer be cancelled", row.status),
+                        )),
+                        Ok(None) => ReplyBody::Error(ErrorBody::new(ErrorCode::NotFound, format!("no call {id}"))),
+                        Err(_) => ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "lookup failed")),
+                    };
+                    return self.direct(path, body);
+                }
+                let corr = path.payload_correlation().map(str::to_string);
+                let d = self.core.cancel_call(
+                    &id,
+                    body.reason,
+                    CancelledBy::Customer,
+                    corr.as_deref(),
+                    now,
+                );
+                self.submit(d, Some(path)).await;
+            }
+            Input::Presence(cid, p) => {
+                let d = self.core.presence(&cid, p, now);
+                self.submit(d, None).await;
+            }
+            Input::Location(cid, l) => {
+                let d = self.core.location(&cid, l, now);
+                self.submit(d, None).await;
+            }
+            Input::JobReply(cid, r, path) => {
+                if let Some(rid) = &r.reply_id {
+                    if let Ok(Some(_)) = self.reader.courier_reply(&cid, rid) {
+                        return self.direct(
+                            path,
+                            ReplyBody::JobReply(pickup_protocol::answer::JobReplyAnswer {
+                                call_id: r.call_id,
+                                action: r.action,
+                                duplicate: true,
+                            }),
+                        );
+                    }
+                }
+                if self.core.call(&r.call_id).is_none() {
+                    let body = match self.reader.call(&r.call_id) {
+                        Ok(Some(row)) => ReplyBody::Error(ErrorBody::new(
+                            ErrorCode::InvalidState,
+                            format!("call {} is {}", r.call_id, row.status),
+                        )),
+                        _ => ReplyBody::Error(ErrorBody::new(
+                            ErrorCode::NotFound,
+                            format!("no call {}", r.call_id),
+                        )),
+                    };
+                    tracing::info!(courier_id = %cid, call_id = %r.call_id, "refused job reply for an unknown or finished call");
+                    return self.direct(path, body);
+                }
+                let d = self.core.job_reply(&cid, r, now);
+                if let Some(ReplyBody::Error(e)) = &d.reply {
+                    tracing::info!(courier_id = %cid, code = e.code.as_str(), error = %e.message, "refused job reply");
+                }
+                self.submit(d, Some(path)).await;
+            }
+            Input::Resync => {
+                let msgs = self.core.retained_snapshot(now);
+                tracing::info!(count = msgs.len(), "republishing retained state after the broker lost it");
+                for m in msgs {
+                    let _ = self.publisher.send(PubIn::Raw(m));
+                }
+                let _ = self.publisher.send(PubIn::Raw(daemon_state(&self.topics.daemon_state(), DaemonStatus::Ready)));
+            }
+        }
+    }
+}
