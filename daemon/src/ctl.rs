@@ -242,7 +242,7 @@ pub async fn run(c: Common, cmd: Command) -> anyhow::Result<()> {
                     continue;
                 }
                 match serde_json::from_slice::<CallView>(&m.payload) {
-                    Ok(v) if c.json => println!("{}", String::from_utf8_lossy(&m.payload)),
+                    Ok(_) if c.json => println!("{}", String::from_utf8_lossy(&m.payload)),
                     Ok(v) => println!("{}", describe(&v)),
                     Err(e) => eprintln!("unreadable state on {}: {e}", m.topic),
                 }

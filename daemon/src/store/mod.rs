@@ -309,11 +309,19 @@ pub struct WriterStats {
 }
 
 /// Handle to the writer thread.
-#[derive(Clone)]
 pub struct Writer<R> {
     tx: mpsc::Sender<WriteJob<R>>,
     /// Shared counters.
     pub stats: Arc<WriterStats>,
+}
+
+impl<R> Clone for Writer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            stats: self.stats.clone(),
+        }
+    }
 }
 
 impl<R: Send + 'static> Writer<R> {
