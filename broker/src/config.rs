@@ -278,7 +278,10 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let cases: Vec<(&str, Box<dyn Fn(&mut BrokerConfig)>)> = vec![
-            ("broker.max_connections", Box::new(|c| c.max_connections = 0)),
+            (
+                "broker.max_connections",
+                Box::new(|c| c.max_connections = 0),
+            ),
             ("broker.max_payload", Box::new(|c| c.max_payload = 10)),
             ("broker.max_inflight", Box::new(|c| c.max_inflight = 0)),
             (

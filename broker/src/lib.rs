@@ -16,8 +16,8 @@
 //!
 //! The traps this works around are in docs/broker.md.
 
-pub mod config;
 mod auth;
+pub mod config;
 pub mod nodelay;
 pub mod probe;
 
@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
+};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -118,7 +120,8 @@ const FREE_PORT_ATTEMPTS: usize = 5;
 
 /// Starts a rumqttd server future for a listener; captures the router's sender, whose type
 /// rumqttd does not export.
-type Serve = Arc<dyn Fn(Listener, ServerSettings) -> Pin<Box<dyn Future<Output = String>>> + Send + Sync>;
+type Serve =
+    Arc<dyn Fn(Listener, ServerSettings) -> Pin<Box<dyn Future<Output = String>>> + Send + Sync>;
 
 /// A running listener: a thread with its own current-thread runtime.
 struct RunningListener {
@@ -153,8 +156,14 @@ pub struct Broker {
 
 impl fmt::Debug for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let l: Vec<_> = self.listeners.iter().map(|l| (l.listener, l.addr)).collect();
-        f.debug_struct("Broker").field("listeners", &l).finish_non_exhaustive()
+        let l: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| (l.listener, l.addr))
+            .collect();
+        f.debug_struct("Broker")
+            .field("listeners", &l)
+            .finish_non_exhaustive()
     }
 }
 
@@ -311,7 +320,11 @@ impl Broker {
         addr: SocketAddr,
         connections: &ConnectionSettings,
     ) -> Result<RunningListener, BrokerError> {
-        let attempts = if addr.port() == 0 { FREE_PORT_ATTEMPTS } else { 1 };
+        let attempts = if addr.port() == 0 {
+            FREE_PORT_ATTEMPTS
+        } else {
+            1
+        };
         let mut last_err = None;
         for _ in 0..attempts {
             let concrete = resolve_port(listener, addr)?;

@@ -13,7 +13,11 @@ use serde::Deserialize;
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(name = "pickup-broker", version, about = "pickupd's embedded MQTT broker, standalone")]
+#[command(
+    name = "pickup-broker",
+    version,
+    about = "pickupd's embedded MQTT broker, standalone"
+)]
 struct Args {
     /// TOML file with a `[broker]` table (the same keys as pickupd's `[broker]` section).
     #[arg(long, value_name = "FILE.toml")]

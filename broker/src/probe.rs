@@ -34,7 +34,11 @@ pub struct ListenerFailure {
 
 impl fmt::Display for ListenerFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} listener {}: {}", self.listener, self.addr, self.reason)
+        write!(
+            f,
+            "{} listener {}: {}",
+            self.listener, self.addr, self.reason
+        )
     }
 }
 

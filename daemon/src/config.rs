@@ -309,6 +309,12 @@ impl Config {
                 "must be at least 1 (the embedded broker refuses 0)",
             ));
         }
+        if self.mqtt.url.is_empty() && self.mqtt.version == 5 && self.broker.listen_v5.is_none() {
+            return Err(invalid(
+                "mqtt.version",
+                "5 with the embedded broker needs broker.listen_v5 (the opt-in MQTT 5 listener)",
+            ));
+        }
         if self.mqtt.url.is_empty() {
             self.broker
                 .validate()
@@ -316,7 +322,10 @@ impl Config {
         }
         let d = &self.dispatch;
         if !(d.radius_m.is_finite() && d.radius_m > 0.0 && d.radius_m <= 100_000.0) {
-            return Err(invalid("dispatch.radius_m", "must be a number from 1 to 100000"));
+            return Err(invalid(
+                "dispatch.radius_m",
+                "must be a number from 1 to 100000",
+            ));
         }
         if d.deadline_s == 0 {
             return Err(invalid("dispatch.deadline_s", "must be at least 1"));
@@ -405,7 +414,10 @@ mod tests {
     #[test]
     fn shipped_file_is_the_defaults() {
         let from_file = Config::load(
-            Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/pickupd.toml"))),
+            Some(Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../configs/pickupd.toml"
+            ))),
             [],
         )
         .unwrap();
@@ -417,7 +429,11 @@ mod tests {
     fn layers_apply_in_order_and_errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.toml");
-        std::fs::write(&f, "site = \"s1\"\n[dispatch]\nradius_m = 1200.0\nmode = \"offer\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "site = \"s1\"\n[dispatch]\nradius_m = 1200.0\nmode = \"offer\"\n",
+        )
+        .unwrap();
         let c = Config::load(Some(&f), env(&[("PICKUPD__DISPATCH__RADIUS_M", "800")])).unwrap();
         assert_eq!(c.site, "s1");
         assert_eq!(c.dispatch.radius_m, 800.0);
@@ -431,9 +447,15 @@ mod tests {
         let e = Config::load(Some(&f), []).unwrap_err();
         assert!(e.to_string().contains("radius"), "{e}");
         std::fs::write(&f, "site = \"a/b\"\n").unwrap();
-        assert!(Config::load(Some(&f), []).unwrap_err().to_string().starts_with("site:"));
+        assert!(Config::load(Some(&f), [])
+            .unwrap_err()
+            .to_string()
+            .starts_with("site:"));
         std::fs::write(&f, "[mqtt]\nurl = \"mqtt://h:x\"\n").unwrap();
-        assert!(Config::load(Some(&f), []).unwrap_err().to_string().contains("mqtt.url"));
+        assert!(Config::load(Some(&f), [])
+            .unwrap_err()
+            .to_string()
+            .contains("mqtt.url"));
         assert!(Config::load(Some(&dir.path().join("missing.toml")), [])
             .unwrap_err()
             .to_string()

@@ -113,11 +113,19 @@ fn random_id(prefix: &str) -> String {
 async fn connect(
     c: &Common,
     extra: Vec<String>,
-) -> anyhow::Result<(Requester, tokio::sync::mpsc::UnboundedReceiver<pickup_protocol::client::Message>, Topics)> {
+) -> anyhow::Result<(
+    Requester,
+    tokio::sync::mpsc::UnboundedReceiver<pickup_protocol::client::Message>,
+    Topics,
+)> {
     let topics = Topics::new(&c.site)?;
     let id = c.client_id.clone().unwrap_or_else(|| random_id("ctl-"));
     let mut o = LinkOptions::new(BrokerUrl::parse(&c.broker)?, id.clone());
-    o.version = if c.mqtt_version == 5 { Version::V5 } else { Version::V4 };
+    o.version = if c.mqtt_version == 5 {
+        Version::V5
+    } else {
+        Version::V4
+    };
     if let (Some(u), Some(p)) = (&c.user, &c.password) {
         o.credentials = Some((u.clone(), p.clone()));
     }
@@ -149,7 +157,11 @@ pub fn describe(v: &CallView) -> String {
     s
 }
 
-fn print_answer<T>(c: &Common, raw: &serde_json::Value, ok: impl FnOnce(&T) -> String) -> anyhow::Result<()>
+fn print_answer<T>(
+    c: &Common,
+    raw: &serde_json::Value,
+    ok: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()>
 where
     T: serde::de::DeserializeOwned,
 {
@@ -208,7 +220,11 @@ pub async fn run(c: Common, cmd: Command) -> anyhow::Result<()> {
                 format!(
                     "{}{} pickup code {}{}",
                     describe(&a.call),
-                    if a.duplicate { " (repeated request)" } else { "" },
+                    if a.duplicate {
+                        " (repeated request)"
+                    } else {
+                        ""
+                    },
                     a.pickup_code,
                     a.class_corrected
                         .as_deref()

@@ -634,6 +634,37 @@ impl Requester {
         }
     }
 
+    /// Sends raw bytes as a request with the reply path as MQTT 5 properties only (the
+    /// payload is not touched), and waits for the answer. On MQTT 3.1.1 there is no way to
+    /// attach a reply path to a payload that is not a JSON object: this times out.
+    pub async fn request_bytes(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, LinkError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let corr = format!("{:x}-{n}", self.nonce);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().await.insert(corr.clone(), tx);
+        let props = PublishProps {
+            response_topic: Some(self.reply_topic.clone()),
+            correlation_data: Some(corr.clone().into_bytes()),
+            message_expiry_s: None,
+        };
+        self.link
+            .publish(topic, true, false, payload, Some(&props))
+            .await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(LinkError::Closed("event loop ended".into())),
+            Err(_) => {
+                self.pending.lock().await.remove(&corr);
+                Err(LinkError::Timeout(timeout))
+            }
+        }
+    }
+
     /// Like [`Requester::request`], decoding the answer envelope into `T`.
     pub async fn request_typed<T: serde::de::DeserializeOwned>(
         &self,

@@ -184,7 +184,11 @@ fn bad(ctx: &InboundCtx, topic: &str, path: ReplyPath, err: ErrorBody) {
 }
 
 fn busy(ctx: &InboundCtx, path: ReplyPath, retry_after_ms: u64, why: &str) {
-    reply(ctx, path, ReplyBody::Error(ErrorBody::busy(retry_after_ms, why)));
+    reply(
+        ctx,
+        path,
+        ReplyBody::Error(ErrorBody::busy(retry_after_ms, why)),
+    );
 }
 
 async fn route(ctx: &InboundCtx, m: Message) {

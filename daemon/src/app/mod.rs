@@ -27,7 +27,7 @@ use pickup_protocol::{
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::inbound::{GetRequest, Input, InboundCtx, MqttState};
+use self::inbound::{GetRequest, InboundCtx, Input, MqttState};
 use self::publisher::{AfterCommit, PubIn, PublisherStats, Reply};
 use crate::config::Config;
 use crate::dispatch::{CancelledBy, Decision, Dispatcher, NewCall, OutMsg, ReplyBody};
@@ -141,9 +141,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 "the embedded broker listens beyond loopback and has no per-topic authorization: any client that can connect may read and publish every topic; use Mosquitto with the generated ACL for production (README, \"Production broker\")"
             );
         }
+        // MQTT 5 kiosks need the daemon on the MQTT 5 listener too: rumqttd breaks
+        // MQTT 3.1.1 connections that receive publishes with MQTT 5 properties.
+        let own = match (cfg.mqtt.version, b.v5_addr()) {
+            (5, Some(v5)) => v5,
+            _ => addr,
+        };
         let url = BrokerUrl {
-            host: addr.ip().to_string(),
-            port: addr.port(),
+            host: own.ip().to_string(),
+            port: own.port(),
         };
         (Some(b), url)
     } else {
@@ -218,6 +224,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         writer.clone(),
         loaded.unsent,
         publisher_stats.clone(),
+        // Message expiry is an MQTT 5 property; through rumqttd it would reach MQTT 3.1.1
+        // couriers and break their connections, so only external brokers get it.
+        cfg.mqtt.version == 5 && !cfg.mqtt.url.is_empty(),
     ));
 
     // Reader thread for status reads.
@@ -257,7 +266,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         tokio::spawn(async move {
             let mut was = false;
             loop {
-                let now = st.subscribed.load(Ordering::Relaxed) && st.connected.load(Ordering::Relaxed);
+                let now =
+                    st.subscribed.load(Ordering::Relaxed) && st.connected.load(Ordering::Relaxed);
                 if now && !was {
                     let _ = pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready)));
                     let _ = ready_tx.send(true);
@@ -316,7 +326,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     Err(_) => break,
                 }
             }
-            let _ = pub_tx.send(PubIn::Raw(daemon_state(&topics.daemon_state(), DaemonStatus::Stopping)));
+            let _ = pub_tx.send(PubIn::Raw(daemon_state(
+                &topics.daemon_state(),
+                DaemonStatus::Stopping,
+            )));
             let (tx, rx) = oneshot::channel();
             let _ = pub_tx.send(PubIn::Backlog(tx));
             let _ = rx.await;
@@ -529,7 +542,10 @@ impl DispatchLoop {
                             tracing::error!(error = %e, "request id lookup failed");
                             return self.direct(
                                 path,
-                                ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "lookup failed")),
+                                ReplyBody::Error(ErrorBody::new(
+                                    ErrorCode::Internal,
+                                    "lookup failed",
+                                )),
                             );
                         }
                     }
@@ -569,15 +585,23 @@ impl DispatchLoop {
                         Ok(Some(row)) if row.status == CallStatus::Cancelled.as_str() => {
                             match serde_json::from_str(&row.view) {
                                 Ok(v) => ReplyBody::Call(Box::new(v)),
-                                Err(_) => ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "stored view unreadable")),
+                                Err(_) => ReplyBody::Error(ErrorBody::new(
+                                    ErrorCode::Internal,
+                                    "stored view unreadable",
+                                )),
                             }
                         }
                         Ok(Some(row)) => ReplyBody::Error(ErrorBody::new(
                             ErrorCode::InvalidState,
                             format!("call {id} is {} and can no longer be cancelled", row.status),
                         )),
-                        Ok(None) => ReplyBody::Error(ErrorBody::new(ErrorCode::NotFound, format!("no call {id}"))),
-                        Err(_) => ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "lookup failed")),
+                        Ok(None) => ReplyBody::Error(ErrorBody::new(
+                            ErrorCode::NotFound,
+                            format!("no call {id}"),
+                        )),
+                        Err(_) => {
+                            ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "lookup failed"))
+                        }
                     };
                     return self.direct(path, body);
                 }
@@ -634,11 +658,17 @@ impl DispatchLoop {
             }
             Input::Resync => {
                 let msgs = self.core.retained_snapshot(now);
-                tracing::info!(count = msgs.len(), "republishing retained state after the broker lost it");
+                tracing::info!(
+                    count = msgs.len(),
+                    "republishing retained state after the broker lost it"
+                );
                 for m in msgs {
                     let _ = self.publisher.send(PubIn::Raw(m));
                 }
-                let _ = self.publisher.send(PubIn::Raw(daemon_state(&self.topics.daemon_state(), DaemonStatus::Ready)));
+                let _ = self.publisher.send(PubIn::Raw(daemon_state(
+                    &self.topics.daemon_state(),
+                    DaemonStatus::Ready,
+                )));
             }
         }
     }

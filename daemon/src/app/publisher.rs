@@ -75,8 +75,10 @@ pub async fn run(
     writer: Writer<AfterCommit>,
     unsent: Vec<(i64, OutMsg)>,
     stats: Arc<PublisherStats>,
+    expiry: bool,
 ) {
     let mut p = Publisher {
+        expiry,
         link,
         tags: VecDeque::new(),
         inflight: HashMap::new(),
@@ -113,10 +115,19 @@ struct Publisher {
     writer: Writer<AfterCommit>,
     stats: Arc<PublisherStats>,
     acked_batch: Vec<i64>,
+    /// Whether to attach MQTT 5 message expiry (only where every receiver copes).
+    expiry: bool,
 }
 
 impl Publisher {
-    async fn send(&mut self, tag: Tag, topic: &str, retain: bool, payload: Vec<u8>, props: Option<PublishProps>) {
+    async fn send(
+        &mut self,
+        tag: Tag,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+        props: Option<PublishProps>,
+    ) {
         self.tags.push_back(tag);
         if let Err(e) = self
             .link
@@ -132,7 +143,7 @@ impl Publisher {
     }
 
     async fn publish_outbox(&mut self, id: i64, m: OutMsg) {
-        let props = m.expiry_s.map(|s| PublishProps {
+        let props = m.expiry_s.filter(|_| self.expiry).map(|s| PublishProps {
             message_expiry_s: Some(s),
             ..Default::default()
         });
@@ -173,7 +184,7 @@ impl Publisher {
             }
             PubIn::Direct(r) => self.reply(r).await,
             PubIn::Raw(m) => {
-                let props = m.expiry_s.map(|s| PublishProps {
+                let props = m.expiry_s.filter(|_| self.expiry).map(|s| PublishProps {
                     message_expiry_s: Some(s),
                     ..Default::default()
                 });
@@ -215,7 +226,10 @@ impl Publisher {
                     .collect();
                 lost.sort_by_key(|(id, _)| *id);
                 if !lost.is_empty() {
-                    tracing::warn!(count = lost.len(), "broker lost the session; re-sending in-flight outbox rows");
+                    tracing::warn!(
+                        count = lost.len(),
+                        "broker lost the session; re-sending in-flight outbox rows"
+                    );
                 }
                 for (id, m) in lost {
                     self.publish_outbox(id, m).await;

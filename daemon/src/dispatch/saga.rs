@@ -1295,7 +1295,9 @@ impl Dispatcher {
                 (None, Some(id)) => (id, Some(JobKind::Offer)),
                 (None, None) => continue,
             };
-            let Some(call) = self.calls.get(call_id) else { continue };
+            let Some(call) = self.calls.get(call_id) else {
+                continue;
+            };
             let kind = kind.unwrap_or(match call.status {
                 CallStatus::PickedUp => JobKind::PickedUp,
                 _ => JobKind::Assigned,
