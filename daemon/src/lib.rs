@@ -1,1 +1,5 @@
 //! placeholder
+
+pub mod breaker;
+pub mod scale;
+pub mod tariff;
