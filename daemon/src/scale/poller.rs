@@ -283,7 +283,7 @@ impl ScalePoller {
                 continue;
             }
 
-            let result: Result<Reading, PollError> = async {
+            let poll = async {
                 if ctx.is_none() {
                     let c = tokio::time::timeout(timeout, connect(&spec))
                         .await
@@ -301,8 +301,13 @@ impl ScalePoller {
                     blocks.push(read_block(c, kind, address, count, timeout).await?);
                 }
                 Ok(decoder.decode(&blocks, unix_ms())?)
-            }
-            .await;
+            };
+            // Shutdown must not wait for a request that may hang up to the timeout.
+            let result: Result<Reading, PollError> = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = poll => r,
+            };
 
             match result {
                 Ok(reading) => {
