@@ -740,6 +740,13 @@ unit = "g"
     }
 
     #[test]
+    fn whole_numbers_are_accepted_for_decimal_keys() {
+        let specs = parse_scales_toml(&with("scale_factor = 10\ncapacity_kg = 60")).unwrap();
+        assert!((specs[0].kg_per_count - 0.01).abs() < 1e-12);
+        assert_eq!(specs[0].capacity_kg, Some(60.0));
+    }
+
+    #[test]
     fn other_tables_are_ignored_and_no_scales_is_fine() {
         assert!(parse_scales_toml("[daemon]\nsite = \"x\"\n")
             .unwrap()

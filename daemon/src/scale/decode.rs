@@ -141,7 +141,7 @@ impl ReadingDecoder {
         let weight_kg = (raw * self.kg_per_count * 1000.0).round() / 1000.0;
 
         let status_word = match &self.status {
-            Some(s) => Some(words_at(blocks, s.at, 1)?[0]),
+            Some(s) => words_at(blocks, s.at, 1)?.first().copied(),
             None => None,
         };
         // Software stability is tracked on every reading, so it is ready the moment a
