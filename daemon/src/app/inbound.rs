@@ -78,6 +78,8 @@ pub struct InboundCtx {
     pub heavy_kg: watch::Receiver<f64>,
     /// Reconnect backoff ceiling.
     pub reconnect_max: Duration,
+    /// Turns true when the task must end (after the daemon's DISCONNECT).
+    pub stop: watch::Receiver<bool>,
 }
 
 fn beat(state: &MqttState) {
@@ -87,12 +89,16 @@ fn beat(state: &MqttState) {
     );
 }
 
-/// Runs until the client is closed.
-pub async fn run(mut events: LinkEvents, ctx: InboundCtx) {
+/// Runs until told to stop or the client is closed.
+pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
     let mut backoff = Backoff::new(Duration::from_millis(100), ctx.reconnect_max);
     let mut first = true;
+    let mut stop = ctx.stop.clone();
     loop {
-        let ev = events.poll().await;
+        let ev = tokio::select! {
+            ev = events.poll() => ev,
+            _ = stop.wait_for(|s| *s) => return,
+        };
         beat(&ctx.state);
         match ev {
             Ok(LinkEvent::Connected { session_present }) => {
@@ -133,13 +139,19 @@ pub async fn run(mut events: LinkEvents, ctx: InboundCtx) {
                 if e.to_string().contains("Requests done") {
                     return;
                 }
+                if *ctx.stop.borrow() {
+                    return;
+                }
                 let wait = backoff.next_delay();
                 if was {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting");
                 } else {
                     tracing::debug!(error = %e, ?wait, "broker not reachable; retrying");
                 }
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ctx.stop.wait_for(|s| *s) => return,
+                }
             }
         }
     }

@@ -243,6 +243,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let mqtt_state = Arc::new(MqttState::default());
     let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
     let (heavy_tx, heavy_rx) = watch::channel(cfg.dispatch.heavy_kg);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let inbound = tokio::spawn(inbound::run(
         events,
         InboundCtx {
@@ -254,6 +255,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             state: mqtt_state.clone(),
             heavy_kg: heavy_rx,
             reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
+            stop: stop_rx,
         },
     ));
 
@@ -333,21 +335,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             let (tx, rx) = oneshot::channel();
             let _ = pub_tx.send(PubIn::Backlog(tx));
             let _ = rx.await;
+            let _ = pub_tx.send(PubIn::Stop);
             drop(pub_tx);
-            drop(writer);
-            drop(dispatch_tx);
             let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
-            // Give the client a moment to put "stopping" on the wire, then say goodbye
-            // (a clean DISCONNECT does not fire the "lost" will).
+            // A clean DISCONNECT (queued after "stopping") does not fire the "lost" will.
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.disconnect()).await;
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
                 while mqtt_state.connected.load(Ordering::Relaxed) {
-                    if link.disconnect().await.is_ok() {
-                        break;
-                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             })
             .await;
+            let _ = stop_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), inbound).await;
+            drop(link);
+            drop(writer);
+            drop(dispatch_tx);
             tokio::task::spawn_blocking(move || writer_thread.join())
                 .await
                 .ok();

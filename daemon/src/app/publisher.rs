@@ -48,6 +48,8 @@ pub enum PubIn {
     SessionLost,
     /// Answer with the number of outbox rows not yet acknowledged.
     Backlog(oneshot::Sender<usize>),
+    /// Stop now (shutdown); what is unacknowledged stays unsent in the database.
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +95,10 @@ pub async fn run(
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
+            if matches!(msg, PubIn::Stop) {
+                p.flush_acks().await;
+                return;
+            }
             p.handle(msg).await;
             next = rx.try_recv().ok();
         }
@@ -238,6 +244,7 @@ impl Publisher {
             PubIn::Backlog(tx) => {
                 let _ = tx.send(self.unacked.len());
             }
+            PubIn::Stop => {}
         }
     }
 
