@@ -350,7 +350,7 @@ impl Config {
         self.notifications
             .templates
             .validate()
-            .map_err(|e| ConfigError::Load(e))?;
+            .map_err(ConfigError::Load)?;
         Ok(())
     }
 

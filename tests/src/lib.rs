@@ -44,8 +44,10 @@ where
 
 /// Settings for a test daemon: embedded broker on a free loopback port, database in `dir`.
 pub fn test_config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.site = "test".into();
+    let mut c = Config {
+        site: "test".into(),
+        ..Config::default()
+    };
     c.store.path = dir.join("pickupd.db");
     c.broker.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     c.mqtt.reconnect_max_ms = 500;

@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn filters_and_ranks() {
         let none = BTreeSet::new();
-        let mut cs = vec![
+        let mut cs = [
             courier("far", 37.6, 127.0, Vehicle::Car, 0),
             courier("near", 37.501, 127.0, Vehicle::Scooter, 5),
             courier("near-older", 37.501, 127.0, Vehicle::Scooter, 1),
