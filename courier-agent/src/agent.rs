@@ -228,10 +228,12 @@ enum Command {
     },
     Shift {
         available: bool,
+        respond: Option<oneshot::Sender<()>>,
     },
     Move {
         to: Point,
         force: bool,
+        respond: Option<oneshot::Sender<()>>,
     },
     Shutdown {
         respond: oneshot::Sender<()>,
@@ -402,27 +404,49 @@ impl Agent {
 
     /// Goes on or off shift (republishes presence).
     pub async fn set_available(&self, available: bool) -> Result<(), AgentError> {
-        self.send(Command::Shift { available }).await
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Shift {
+            available,
+            respond: Some(tx),
+        })
+        .await?;
+        rx.await.map_err(|_| AgentError::Stopped)
     }
 
     /// Moves the courier. The location is reported at once when it moved at least the
     /// configured threshold since the last report, or when `force` is set.
     pub async fn move_to(&self, to: Point, force: bool) -> Result<(), AgentError> {
         validate::lat_lon("position", to.lat, to.lon).map_err(AgentError::Invalid)?;
-        self.send(Command::Move { to, force }).await
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Move {
+            to,
+            force,
+            respond: Some(tx),
+        })
+        .await?;
+        rx.await.map_err(|_| AgentError::Stopped)
     }
 
     /// Like [`Agent::move_to`] without waiting: for a simulation driving many agents, which
     /// must not stall on one busy agent. Returns false when the command was not taken.
     pub fn try_move_to(&self, to: Point) -> bool {
         self.cmd
-            .try_send(Command::Move { to, force: false })
+            .try_send(Command::Move {
+                to,
+                force: false,
+                respond: None,
+            })
             .is_ok()
     }
 
     /// Like [`Agent::set_available`] without waiting.
     pub fn try_set_available(&self, available: bool) -> bool {
-        self.cmd.try_send(Command::Shift { available }).is_ok()
+        self.cmd
+            .try_send(Command::Shift {
+                available,
+                respond: None,
+            })
+            .is_ok()
     }
 
     /// Stops cleanly: publishes presence offline (when online), disconnects so that the
@@ -1084,6 +1108,7 @@ impl Runner {
         match c {
             Command::Act { action, respond } => {
                 let r = self.act(action, false).await;
+                self.update_status();
                 let _ = respond.send(r);
             }
             Command::Raw { mut reply, respond } => {
@@ -1094,18 +1119,27 @@ impl Runner {
                     reply.at = Some(now_ms());
                 }
                 let r = self.enqueue(reply, false).await;
+                self.update_status();
                 let _ = respond.send(r);
             }
-            Command::Shift { available } => {
+            Command::Shift { available, respond } => {
                 if available != self.available {
                     self.available = available;
                     self.emit(EventKind::Shift { available });
                     self.publish_presence(PresenceState::Online).await;
                 }
+                if let Some(r) = respond {
+                    self.update_status();
+                    let _ = r.send(());
+                }
             }
-            Command::Move { to, force } => {
+            Command::Move { to, force, respond } => {
                 self.position = to;
                 self.report_location(force).await;
+                if let Some(r) = respond {
+                    self.update_status();
+                    let _ = r.send(());
+                }
             }
             Command::Shutdown { respond } => {
                 self.stop_waiters.push(respond);
