@@ -321,6 +321,11 @@ impl Agent {
             stop: Stop::Running,
             stop_waiters: Vec::new(),
         };
+        // Replies still queued from an earlier run count as done: a retained offer seen
+        // again after a restart is not answered twice.
+        for r in runner.queue.entries().to_vec() {
+            runner.set_progress(&r.call_id, r.action);
+        }
         for c in corrupt {
             tracing::warn!(courier = %cid, line = c.line, error = %c.error, "skipped a corrupt line of the queue file");
             runner.emit(EventKind::QueueCorrupt {

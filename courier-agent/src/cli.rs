@@ -30,13 +30,13 @@ pub struct Cli {
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub broker: String,
-    /// Site name (topics live under pickup/v1/<site>/).
+    /// Site name (topics live under pickup/v1/SITE/).
     #[arg(long, default_value = "default")]
     pub site: String,
     /// Courier id; with --simulate, the prefix of the simulated ids (default "sim").
     #[arg(long)]
     pub id: Option<String>,
-    /// MQTT client id (default courier-<id>); fixed so the broker keeps the session.
+    /// MQTT client id (default courier-ID); fixed so the broker keeps the session.
     #[arg(long)]
     pub client_id: Option<String>,
     /// Display name.
@@ -64,7 +64,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 4)]
     pub mqtt_version: u8,
     /// Queue file for replies taken while offline (default
-    /// $XDG_STATE_HOME/courier-agent/courier-<id>.queue, else ./data/courier-<id>.queue).
+    /// $XDG_STATE_HOME/courier-agent/courier-ID.queue, else ./data/courier-ID.queue).
     #[arg(long)]
     pub queue_file: Option<PathBuf>,
     /// Accept offers automatically.
