@@ -432,3 +432,91 @@ impl Drop for Mosquitto {
 pub fn open_db(path: &Path) -> rusqlite::Connection {
     rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
 }
+
+/// Path of a workspace binary (`pickupd`, `pickupctl`, `courier-agent`, `pickup-broker`)
+/// built next to this test. `cargo test --workspace` builds them before any test runs;
+/// a lone `cargo test -p pickup-e2e` may not, and then this says what to run.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-… → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable sits in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins, or run scripts/test)",
+        p.display()
+    );
+    p
+}
+
+/// A daemon process (the real `pickupd` binary) with a config file in `dir`; killed on
+/// drop if still running.
+pub struct DaemonProcess {
+    /// The child.
+    pub child: Child,
+    /// Config file.
+    pub config: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Writes `toml` to `dir/pickupd.toml` and starts `pickupd --config` on it, with its
+    /// log in `dir/pickupd.log` (appended across restarts).
+    pub fn spawn(dir: &Path, toml: &str) -> Self {
+        let config = dir.join("pickupd.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("pickupd.log"))
+            .unwrap();
+        let child = Command::new(workspace_bin("pickupd"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .env("RUST_LOG", "info,rumqttd=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("pickupd starts");
+        Self { child, config }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal config file for a daemon process: site `test`, the database at `db`, the
+/// embedded broker on `port` (or an external broker when `external` is set).
+pub fn process_toml(db: &Path, port: u16, external: Option<SocketAddr>) -> String {
+    let mut s = format!(
+        "site = \"test\"\n[store]\npath = \"{}\"\n[mqtt]\nreconnect_max_ms = 500\n",
+        db.display()
+    );
+    match external {
+        Some(a) => s.push_str(&format!("url = \"mqtt://{a}\"\n")),
+        None => s.push_str(&format!("[broker]\nlisten = \"127.0.0.1:{port}\"\n")),
+    }
+    s
+}
