@@ -53,9 +53,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         Err(_) => continue,
                     };
                     let reply_to = v["reply_to"].as_str().unwrap_or("rtt/none").to_string();
-                    let answer = serde_json::json!({"ok": true, "correlation_id": v["correlation_id"]});
+                    let answer =
+                        serde_json::json!({"ok": true, "correlation_id": v["correlation_id"]});
                     let _ = responder
-                        .publish(&reply_to, true, false, answer.to_string().into_bytes(), None)
+                        .publish(
+                            &reply_to,
+                            true,
+                            false,
+                            answer.to_string().into_bytes(),
+                            None,
+                        )
                         .await;
                 }
                 Ok(_) => {}
@@ -83,8 +90,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rtts = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        req.request("rtt/req", serde_json::json!({"x": 1}), Duration::from_secs(5))
-            .await?;
+        req.request(
+            "rtt/req",
+            serde_json::json!({"x": 1}),
+            Duration::from_secs(5),
+        )
+        .await?;
         rtts.push(t.elapsed());
     }
     rtts.sort();

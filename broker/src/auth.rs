@@ -113,7 +113,12 @@ mod tests {
     fn probe_needs_its_secret_and_prefix() {
         let deny_all: AuthHook = Arc::new(|_, _, _| false);
         let p = policy(&[], Some(deny_all));
-        assert!(allowed(&p, "pickup-probe-v4-x-1", PROBE_USER, "probe-secret"));
+        assert!(allowed(
+            &p,
+            "pickup-probe-v4-x-1",
+            PROBE_USER,
+            "probe-secret"
+        ));
         assert!(!allowed(&p, "pickup-probe-v4-x-1", PROBE_USER, "guess"));
         assert!(!allowed(&p, "kiosk-1", PROBE_USER, "probe-secret"));
     }

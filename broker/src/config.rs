@@ -275,10 +275,15 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
+    type Change = Box<dyn Fn(&mut BrokerConfig)>;
+
     #[test]
     fn bad_values_name_their_key() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut BrokerConfig)>)> = vec![
-            ("broker.max_connections", Box::new(|c| c.max_connections = 0)),
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "broker.max_connections",
+                Box::new(|c| c.max_connections = 0),
+            ),
             ("broker.max_payload", Box::new(|c| c.max_payload = 10)),
             ("broker.max_inflight", Box::new(|c| c.max_inflight = 0)),
             (

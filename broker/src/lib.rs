@@ -16,8 +16,8 @@
 //!
 //! The traps this works around are in docs/broker.md.
 
-pub mod config;
 mod auth;
+pub mod config;
 pub mod nodelay;
 pub mod probe;
 
@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
+};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -118,14 +120,20 @@ const FREE_PORT_ATTEMPTS: usize = 5;
 
 /// Starts a rumqttd server future for a listener; captures the router's sender, whose type
 /// rumqttd does not export.
-type Serve = Arc<dyn Fn(Listener, ServerSettings) -> Pin<Box<dyn Future<Output = String>>> + Send + Sync>;
+type Serve =
+    Arc<dyn Fn(Listener, ServerSettings) -> Pin<Box<dyn Future<Output = String>>> + Send + Sync>;
 
 /// A running listener: a thread with its own current-thread runtime.
 struct RunningListener {
+    /// Which listener, for logs and restarts.
     listener: Listener,
+    /// The concrete address it is bound to.
     addr: SocketAddr,
+    /// Ends the server future; the thread then drops the runtime and with it every socket.
     stop: Option<oneshot::Sender<()>>,
+    /// Joined on stop, so the port is free when stop returns.
     thread: Option<JoinHandle<()>>,
+    /// Whether TCP_NODELAY was set on its listening socket.
     nodelay: bool,
 }
 
@@ -144,17 +152,28 @@ impl RunningListener {
 
 /// The running embedded broker. Dropping it is the same as [`Broker::shutdown`].
 pub struct Broker {
+    /// The running listeners, MQTT 3.1.1 first.
     listeners: Vec<RunningListener>,
+    /// Each listener's rumqttd settings (with the concrete address), to restart it as it was.
     settings: HashMap<Listener, ServerSettings>,
+    /// Starts a listener's server against the one router; the router outlives restarts.
     serve: Serve,
+    /// Probes every listener; also the authority on listener addresses.
     prober: Prober,
+    /// Whether to set TCP_NODELAY on (re)started listeners.
     tcp_nodelay: bool,
 }
 
 impl fmt::Debug for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let l: Vec<_> = self.listeners.iter().map(|l| (l.listener, l.addr)).collect();
-        f.debug_struct("Broker").field("listeners", &l).finish_non_exhaustive()
+        let l: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| (l.listener, l.addr))
+            .collect();
+        f.debug_struct("Broker")
+            .field("listeners", &l)
+            .finish_non_exhaustive()
     }
 }
 
@@ -244,13 +263,26 @@ impl Broker {
             .map(|(_, a)| *a)
     }
 
+    /// `mqtt://host:port` of the MQTT 3.1.1 listener for a client in this process or on this
+    /// machine (an unspecified listen address like 0.0.0.0 becomes loopback).
+    pub fn v4_url(&self) -> String {
+        format!("mqtt://{}", probe::reachable(self.v4_addr()))
+    }
+
+    /// `mqtt://host:port` of the MQTT 5 listener, when configured (see [`Broker::v4_url`]).
+    pub fn v5_url(&self) -> Option<String> {
+        self.v5_addr()
+            .map(|a| format!("mqtt://{}", probe::reachable(a)))
+    }
+
     /// Whether TCP_NODELAY was applied to every listener (see [`BrokerConfig::tcp_nodelay`]).
     pub fn nodelay_applied(&self) -> bool {
         self.listeners.iter().all(|l| l.nodelay)
     }
 
-    /// Health: each listener still completes a real MQTT CONNECT/CONNACK (fresh client id,
-    /// clean session). The error names every listener that failed.
+    /// Health: each listener still completes a real MQTT CONNECT/CONNACK (clean session, a
+    /// client id the previous probes did not use). The error names every listener that
+    /// failed.
     pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
         self.prober.probe(timeout).await
     }
@@ -311,7 +343,11 @@ impl Broker {
         addr: SocketAddr,
         connections: &ConnectionSettings,
     ) -> Result<RunningListener, BrokerError> {
-        let attempts = if addr.port() == 0 { FREE_PORT_ATTEMPTS } else { 1 };
+        let attempts = if addr.port() == 0 {
+            FREE_PORT_ATTEMPTS
+        } else {
+            1
+        };
         let mut last_err = None;
         for _ in 0..attempts {
             let concrete = resolve_port(listener, addr)?;
