@@ -297,7 +297,8 @@ impl Broker {
     /// messages live in the router and survive. This is the cure for rumqttd's poisoned
     /// listener (docs/broker.md), though the client that poisoned it can do it again.
     pub fn restart_listener(&mut self, which: Listener) -> Result<(), BrokerError> {
-        let Some(pos) = self.listeners.iter().position(|l| l.listener == which) else {
+        // Settings and address stay known even if an earlier restart failed half-way.
+        let (Some(settings), Some(addr)) = (self.settings.get(&which), self.addr_of(which)) else {
             return Err(BrokerError::Config {
                 key: match which {
                     Listener::V4 => "listen".into(),
@@ -306,18 +307,14 @@ impl Broker {
                 problem: format!("no {which} listener is configured"),
             });
         };
-        let mut old = self.listeners.remove(pos);
-        let addr = old.addr;
-        old.stop();
-        let Some(connections) = self.settings.get(&which).map(|s| s.connections.clone()) else {
-            return Err(BrokerError::Config {
-                key: "listen".into(),
-                problem: format!("{which} listener has no stored settings"),
-            });
-        };
+        let connections = settings.connections.clone();
+        if let Some(pos) = self.listeners.iter().position(|l| l.listener == which) {
+            self.listeners.remove(pos).stop();
+        }
         let running = self.start_listener(which, addr, &connections)?;
         tracing::warn!(listener = %which, %addr, "listener restarted");
-        self.listeners.insert(pos, running);
+        self.listeners.push(running);
+        self.listeners.sort_by_key(|l| l.listener != Listener::V4);
         Ok(())
     }
 

@@ -32,6 +32,8 @@ struct Client {
     link: Link,
     events: mpsc::UnboundedReceiver<Result<LinkEvent, String>>,
     task: tokio::task::JoinHandle<()>,
+    /// Messages that arrived while waiting for something else (e.g. before a SUBACK).
+    backlog: std::collections::VecDeque<Message>,
 }
 
 impl Drop for Client {
@@ -64,7 +66,12 @@ fn spawn_client(opts: LinkOptions) -> Client {
             }
         }
     });
-    Client { link, events, task }
+    Client {
+        link,
+        events,
+        task,
+        backlog: Default::default(),
+    }
 }
 
 impl Client {
@@ -100,6 +107,9 @@ impl Client {
     }
 
     async fn message(&mut self) -> Message {
+        if let Some(m) = self.backlog.pop_front() {
+            return m;
+        }
         let e = self.until(|e| matches!(e, LinkEvent::Message(_))).await;
         match e {
             LinkEvent::Message(m) => m,
@@ -113,6 +123,7 @@ impl Client {
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(Ok(e))) if want(&e) => return e,
+                Ok(Some(Ok(LinkEvent::Message(m)))) => self.backlog.push_back(m),
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(e))) => panic!("client error while waiting: {e}"),
                 Ok(None) => panic!("event loop ended while waiting"),
@@ -539,4 +550,69 @@ async fn listening_on_all_interfaces_still_probes_and_gives_a_loopback_url() {
     let mut c = spawn_client(LinkOptions::new(BrokerUrl::parse(&url).unwrap(), "k"));
     c.connected().await.unwrap();
     assert!(broker.nodelay_applied());
+}
+
+/// Raw MQTT 5 CONNECT (clean start, no credentials) and the CONNACK's reason code.
+async fn raw_v5_connect(
+    addr: SocketAddr,
+    client_id: &str,
+) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut pkt = vec![0x10, body.len() as u8];
+    pkt.extend_from_slice(&body);
+    s.write_all(&pkt).await?;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await?;
+    let mut rest = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut rest).await?;
+    assert_eq!(head[0], 0x20);
+    assert_eq!(rest[1], 0, "CONNACK reason code");
+    Ok(s)
+}
+
+/// rumqttd trap: a v5 client that sends a CONNACK panics its own connection; coming back
+/// with the same id poisons the MQTT 5 listener. The MQTT 3.1.1 listener is unaffected.
+#[tokio::test]
+async fn hostile_v5_client_poisons_the_v5_listener_and_restart_cures_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut broker = Broker::start(cfg_v5()).unwrap();
+    let v5 = broker.v5_addr().unwrap();
+
+    let mut s = raw_v5_connect(v5, "hostile").await.unwrap();
+    s.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap();
+    assert!(matches!(closed, Ok(0) | Err(_)), "connection closed");
+    assert!(raw_v5_connect(v5, "hostile").await.is_err());
+    assert!(
+        raw_v5_connect(v5, "bystander").await.is_err(),
+        "rumqttd no longer poisons the listener: update docs/broker.md"
+    );
+
+    let err = broker.probe(Duration::from_secs(2)).await.unwrap_err();
+    assert_eq!(err.listeners(), vec![Listener::V5], "{err}");
+    broker.restart_listener(Listener::V5).unwrap();
+    broker.probe(WAIT).await.unwrap();
+    raw_v5_connect(v5, "bystander").await.unwrap();
+}
+
+#[tokio::test]
+async fn restarting_keeps_sessions_and_retained_messages() {
+    let mut broker = Broker::start(cfg()).unwrap();
+    let addr = broker.v4_addr();
+    let mut publ = connect(addr, "daemon").await;
+    publ.publish_qos1("pickup/v1/s/daemon/state", true, b"ready")
+        .await;
+    broker.restart_listener(Listener::V4).unwrap();
+    publ.closed().await; // connections of the old listener are dropped
+    let mut late = connect(addr, "kiosk").await;
+    late.subscribe("pickup/v1/s/daemon/state").await;
+    assert_eq!(&late.message().await.payload[..], b"ready");
+
+    let err = broker.restart_listener(Listener::V5).unwrap_err();
+    assert!(err.to_string().starts_with("broker.listen_v5:"), "{err}");
 }
