@@ -275,9 +275,11 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
+    type Change = Box<dyn Fn(&mut BrokerConfig)>;
+
     #[test]
     fn bad_values_name_their_key() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut BrokerConfig)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "broker.max_connections",
                 Box::new(|c| c.max_connections = 0),

@@ -125,10 +125,15 @@ type Serve =
 
 /// A running listener: a thread with its own current-thread runtime.
 struct RunningListener {
+    /// Which listener, for logs and restarts.
     listener: Listener,
+    /// The concrete address it is bound to.
     addr: SocketAddr,
+    /// Ends the server future; the thread then drops the runtime and with it every socket.
     stop: Option<oneshot::Sender<()>>,
+    /// Joined on stop, so the port is free when stop returns.
     thread: Option<JoinHandle<()>>,
+    /// Whether TCP_NODELAY was set on its listening socket.
     nodelay: bool,
 }
 
@@ -147,10 +152,15 @@ impl RunningListener {
 
 /// The running embedded broker. Dropping it is the same as [`Broker::shutdown`].
 pub struct Broker {
+    /// The running listeners, MQTT 3.1.1 first.
     listeners: Vec<RunningListener>,
+    /// Each listener's rumqttd settings (with the concrete address), to restart it as it was.
     settings: HashMap<Listener, ServerSettings>,
+    /// Starts a listener's server against the one router; the router outlives restarts.
     serve: Serve,
+    /// Probes every listener; also the authority on listener addresses.
     prober: Prober,
+    /// Whether to set TCP_NODELAY on (re)started listeners.
     tcp_nodelay: bool,
 }
 
@@ -253,13 +263,26 @@ impl Broker {
             .map(|(_, a)| *a)
     }
 
+    /// `mqtt://host:port` of the MQTT 3.1.1 listener for a client in this process or on this
+    /// machine (an unspecified listen address like 0.0.0.0 becomes loopback).
+    pub fn v4_url(&self) -> String {
+        format!("mqtt://{}", probe::reachable(self.v4_addr()))
+    }
+
+    /// `mqtt://host:port` of the MQTT 5 listener, when configured (see [`Broker::v4_url`]).
+    pub fn v5_url(&self) -> Option<String> {
+        self.v5_addr()
+            .map(|a| format!("mqtt://{}", probe::reachable(a)))
+    }
+
     /// Whether TCP_NODELAY was applied to every listener (see [`BrokerConfig::tcp_nodelay`]).
     pub fn nodelay_applied(&self) -> bool {
         self.listeners.iter().all(|l| l.nodelay)
     }
 
-    /// Health: each listener still completes a real MQTT CONNECT/CONNACK (fresh client id,
-    /// clean session). The error names every listener that failed.
+    /// Health: each listener still completes a real MQTT CONNECT/CONNACK (clean session, a
+    /// client id the previous probes did not use). The error names every listener that
+    /// failed.
     pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
         self.prober.probe(timeout).await
     }
@@ -274,7 +297,8 @@ impl Broker {
     /// messages live in the router and survive. This is the cure for rumqttd's poisoned
     /// listener (docs/broker.md), though the client that poisoned it can do it again.
     pub fn restart_listener(&mut self, which: Listener) -> Result<(), BrokerError> {
-        let Some(pos) = self.listeners.iter().position(|l| l.listener == which) else {
+        // Settings and address stay known even if an earlier restart failed half-way.
+        let (Some(settings), Some(addr)) = (self.settings.get(&which), self.addr_of(which)) else {
             return Err(BrokerError::Config {
                 key: match which {
                     Listener::V4 => "listen".into(),
@@ -283,18 +307,14 @@ impl Broker {
                 problem: format!("no {which} listener is configured"),
             });
         };
-        let mut old = self.listeners.remove(pos);
-        let addr = old.addr;
-        old.stop();
-        let Some(connections) = self.settings.get(&which).map(|s| s.connections.clone()) else {
-            return Err(BrokerError::Config {
-                key: "listen".into(),
-                problem: format!("{which} listener has no stored settings"),
-            });
-        };
+        let connections = settings.connections.clone();
+        if let Some(pos) = self.listeners.iter().position(|l| l.listener == which) {
+            self.listeners.remove(pos).stop();
+        }
         let running = self.start_listener(which, addr, &connections)?;
         tracing::warn!(listener = %which, %addr, "listener restarted");
-        self.listeners.insert(pos, running);
+        self.listeners.push(running);
+        self.listeners.sort_by_key(|l| l.listener != Listener::V4);
         Ok(())
     }
 

@@ -11,6 +11,9 @@ use clap::Parser;
 use pickup_broker::{Broker, BrokerConfig};
 use serde::Deserialize;
 
+/// How often the standalone broker checks (and if needed restarts) its listeners.
+const HEALTH_EVERY: Duration = Duration::from_secs(30);
+
 /// Command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -98,26 +101,29 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("creating the runtime")?;
-    let broker = Broker::start(cfg)?;
+    // Handlers first, so a signal right after the "listening" line is not fatal.
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        )
+    };
+    let mut broker = Broker::start(cfg)?;
     // One line on stdout for scripts that started us with port 0.
     match broker.v5_addr() {
         Some(v5) => println!("pickup-broker listening v4={} v5={v5}", broker.v4_addr()),
         None => println!("pickup-broker listening v4={}", broker.v4_addr()),
     }
 
-    let mut broker = broker;
     let signal = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        let mut health = tokio::time::interval(Duration::from_secs(30));
+        let mut health = tokio::time::interval(HEALTH_EVERY);
         health.tick().await;
         loop {
             tokio::select! {
-                r = tokio::signal::ctrl_c() => {
-                    r.context("waiting for SIGINT")?;
-                    return Ok::<_, anyhow::Error>("SIGINT");
-                }
-                _ = term.recv() => return Ok("SIGTERM"),
+                _ = int.recv() => return "SIGINT",
+                _ = term.recv() => return "SIGTERM",
                 _ = health.tick() => {
                     // A rumqttd listener can die while the process lives on: replace it.
                     if let Err(e) = broker.probe(Duration::from_secs(5)).await {
@@ -131,7 +137,7 @@ fn main() -> Result<()> {
                 }
             }
         }
-    })?;
+    });
     tracing::info!(signal, "stopping");
     broker.shutdown();
     Ok(())

@@ -3,11 +3,11 @@
 //! A live process and an open port prove little with rumqttd: a listener whose connection
 //! handler is poisoned still accepts TCP and then drops every CONNECT. So the probe speaks
 //! just enough MQTT (3.1.1 or 5, hand-written packets, no client library) to see a CONNACK
-//! with return code 0, with a fresh client id and a clean session each time, then
-//! closes the connection.
+//! with return code 0, with a clean session and a client id not used by the previous
+//! probes, then closes the connection.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,12 @@ use crate::Listener;
 
 /// Client ids of the health probe start with this.
 pub(crate) const PROBE_CLIENT_PREFIX: &str = "pickup-probe-";
+
+/// Probes cycle through this many client ids per listener. rumqttd keeps ~600 bytes per
+/// distinct client id forever (its "graveyard", even for clean sessions), so a new id
+/// per probe would grow the broker by megabytes a day; consecutive probes still never
+/// share an id.
+const PROBE_ID_POOL: u64 = 16;
 
 /// One listener that did not complete CONNECT/CONNACK.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,9 +81,13 @@ impl std::error::Error for ProbeError {}
 /// so a health task can hold one while the owner keeps the broker (and can shut it down).
 #[derive(Clone)]
 pub struct Prober {
+    /// Every listener the broker started, with its concrete address.
     pub(crate) listeners: Vec<(Listener, SocketAddr)>,
+    /// The probe's password; only this broker's auth policy knows it.
     pub(crate) secret: Arc<str>,
+    /// Rotates the probe client ids.
     pub(crate) counter: Arc<AtomicU64>,
+    /// Per-broker part of the probe client ids, so two brokers' probes never collide.
     pub(crate) nonce: Arc<str>,
 }
 
@@ -115,9 +125,10 @@ impl Prober {
     ) -> Result<(), ListenerFailure> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let client_id = format!(
-            "{PROBE_CLIENT_PREFIX}{}-{}-{n}",
+            "{PROBE_CLIENT_PREFIX}{}-{}-{}",
             listener.short(),
-            self.nonce
+            self.nonce,
+            n % PROBE_ID_POOL
         );
         let fail = |reason: String| ListenerFailure {
             listener,
@@ -126,7 +137,7 @@ impl Prober {
         };
         match tokio::time::timeout(
             timeout,
-            connect_connack(addr, listener, &client_id, &self.secret),
+            connect_connack(reachable(addr), listener, &client_id, &self.secret),
         )
         .await
         {
@@ -134,6 +145,19 @@ impl Prober {
             Ok(Err(reason)) => Err(fail(reason)),
             Err(_) => Err(fail(format!("no CONNACK within {timeout:?}"))),
         }
+    }
+}
+
+/// Where to connect to reach a listener bound to `addr` (0.0.0.0 / :: become loopback).
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
     }
 }
 
