@@ -60,6 +60,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Customer notifications.
     pub notifications: NotificationsConfig,
+    /// Prices.
+    pub tariff: crate::tariff::Tariff,
+    /// Weighing scales (`[[scales]]`), none by default.
+    pub scales: Vec<crate::scale::ScaleConfig>,
 }
 
 impl Default for Config {
@@ -73,6 +77,8 @@ impl Default for Config {
             limits: Limits::default(),
             log: LogConfig::default(),
             notifications: NotificationsConfig::default(),
+            tariff: crate::tariff::Tariff::default(),
+            scales: Vec::new(),
         }
     }
 }
@@ -351,6 +357,9 @@ impl Config {
             .templates
             .validate()
             .map_err(ConfigError::Load)?;
+        self.tariff.validate("tariff").map_err(ConfigError::Load)?;
+        crate::scale::validate_scales(&self.scales)
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
         Ok(())
     }
 

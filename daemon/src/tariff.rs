@@ -5,10 +5,6 @@
 use pickup_protocol::{Location, ParcelClass};
 use serde::{Deserialize, Serialize};
 
-/// Mean Earth radius (IUGG), metres. Accurate to well under 1 % for the distances a pickup
-/// center deals with, which is far below the rounding of any tariff.
-const EARTH_RADIUS_M: f64 = 6_371_008.8;
-
 /// The price list, from the `[tariff]` table of the config. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -82,15 +78,7 @@ impl Tariff {
     }
 }
 
-/// Great-circle distance between two points given in degrees, metres (haversine formula).
-pub fn haversine_m(a_lat: f64, a_lon: f64, b_lat: f64, b_lon: f64) -> f64 {
-    let (p1, p2) = (a_lat.to_radians(), b_lat.to_radians());
-    let dp = (b_lat - a_lat).to_radians();
-    let dl = (b_lon - a_lon).to_radians();
-    let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    // Rounding can push h a hair above 1 for antipodal points; asin would then give NaN.
-    2.0 * EARTH_RADIUS_M * h.sqrt().min(1.0).asin()
-}
+pub use crate::dispatch::geo::haversine_m;
 
 /// Distance between two locations, metres.
 pub fn distance_m(a: &Location, b: &Location) -> f64 {

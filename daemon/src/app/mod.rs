@@ -244,6 +244,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
     let (heavy_tx, heavy_rx) = watch::channel(cfg.dispatch.heavy_kg);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_for_scales = stop_rx.clone();
     let inbound = tokio::spawn(inbound::run(
         events,
         InboundCtx {
@@ -283,6 +284,36 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         });
     }
 
+    // Scales: one poller each; readings go out retained on scales/<sid>/weight.
+    let specs = crate::scale::validate_scales(&cfg.scales)?;
+    let board = crate::scale::ScaleBoard::new(&specs);
+    if !specs.is_empty() {
+        let (scale_tx, mut scale_rx) = mpsc::channel::<crate::scale::ScaleUpdate>(64);
+        for spec in specs {
+            let mut stop = stop_rx_for_scales.clone();
+            crate::scale::ScalePoller::new(spec, board.clone(), Some(scale_tx.clone())).spawn(
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            );
+        }
+        let pub_tx = pub_tx.clone();
+        let topics = topics.clone();
+        tokio::spawn(async move {
+            while let Some(u) = scale_rx.recv().await {
+                let msg = OutMsg {
+                    topic: topics.scale_weight(&u.scale_id),
+                    payload: serde_json::to_vec(&u.report).unwrap_or_default(),
+                    retain: true,
+                    expiry_s: None,
+                };
+                if pub_tx.send(PubIn::Raw(msg)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
     let stats = Arc::new(Stats::default());
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let reader = Reader::open(&path)?;
@@ -294,6 +325,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         stats: stats.clone(),
         max_dispatching: cfg.limits.max_dispatching,
         topics: topics.clone(),
+        board,
+        tariff: cfg.tariff.clone(),
+        heavy_kg: cfg.dispatch.heavy_kg,
     };
     let done = {
         let link = link.clone();
@@ -433,6 +467,12 @@ struct DispatchLoop {
     stats: Arc<Stats>,
     max_dispatching: usize,
     topics: Topics,
+    /// Latest scale readings.
+    board: crate::scale::ScaleBoard,
+    /// Prices.
+    tariff: crate::tariff::Tariff,
+    /// Heavy threshold.
+    heavy_kg: f64,
 }
 
 impl DispatchLoop {
@@ -563,6 +603,27 @@ impl DispatchLoop {
                         );
                     }
                 }
+                let mut req = *req;
+                // The scale decides the class when it has a fresh, stable reading; the
+                // call never waits for it.
+                let parcel = self.board.resolve(
+                    &req.parcel,
+                    req.kiosk_id.as_deref(),
+                    req.scale_id.as_deref(),
+                    now,
+                    self.heavy_kg,
+                );
+                if let Some(why) = parcel.fallback {
+                    if parcel.scale_id.is_some() {
+                        tracing::info!(scale_id = ?parcel.scale_id, reason = why.as_str(), "declared parcel class kept");
+                    }
+                }
+                req.parcel = parcel.parcel;
+                let price = self.tariff.price_for(
+                    req.parcel.class,
+                    &req.location,
+                    req.destination.as_ref(),
+                );
                 let new = NewCall {
                     id: new_call_id(now),
                     pickup_code: new_pickup_code(),
@@ -570,9 +631,9 @@ impl DispatchLoop {
                         .payload_correlation()
                         .map(str::to_string)
                         .or_else(|| Some(req.request_id.clone())),
-                    req: *req,
-                    price: None,
-                    class_corrected: None,
+                    req,
+                    price: Some(price),
+                    class_corrected: parcel.corrected,
                 };
                 let d = self.core.create_call(new, now);
                 if let Some(ReplyBody::Create(a)) = &d.reply {

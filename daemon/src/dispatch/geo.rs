@@ -9,6 +9,7 @@ pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
     let dp = (lat2 - lat1).to_radians();
     let dl = (lon2 - lon1).to_radians();
     let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    // Rounding can push `a` a hair above 1 for antipodal points; asin would give NaN.
     2.0 * EARTH_RADIUS_M * a.sqrt().clamp(0.0, 1.0).asin()
 }
 
