@@ -12,7 +12,8 @@
 //! - [`breaker`]: the one circuit breaker type (admission, scale, notification relay);
 //! - [`ctl`]: what `pickupctl` does;
 //! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
-//! - [`logging`]: log setup.
+//! - [`logging`]: log setup;
+//! - [`systemd`]: readiness, status, watchdog (sd_notify).
 
 pub mod app;
 pub mod breaker;
@@ -23,4 +24,5 @@ pub mod dispatch;
 pub mod logging;
 pub mod scale;
 pub mod store;
+pub mod systemd;
 pub mod tariff;
