@@ -34,6 +34,8 @@ pub enum Input {
     JobReply(String, JobReply, ReplyPath),
     /// The broker lost our session: retained state must be published again.
     Resync,
+    /// New live settings (SIGHUP).
+    Reload(Box<crate::config::Config>),
 }
 
 /// A status read for the reader.
@@ -54,8 +56,6 @@ pub struct MqttState {
     pub subscribed: AtomicBool,
     /// Stopping: new calls are refused with `busy`.
     pub stopping: AtomicBool,
-    /// Unix ms of the last event (heartbeat).
-    pub last_beat_ms: AtomicU64,
     /// Messages dropped as malformed.
     pub rejected: AtomicU64,
 }
@@ -80,13 +80,8 @@ pub struct InboundCtx {
     pub reconnect_max: Duration,
     /// Turns true when the task must end (after the daemon's DISCONNECT).
     pub stop: watch::Receiver<bool>,
-}
-
-fn beat(state: &MqttState) {
-    state.last_beat_ms.store(
-        u64::try_from(crate::store::now_ms()).unwrap_or(0),
-        Ordering::Relaxed,
-    );
+    /// Watchdog heartbeat of this task.
+    pub beat: crate::systemd::Heartbeat,
 }
 
 /// Runs until told to stop or the client is closed.
@@ -94,12 +89,17 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
     let mut backoff = Backoff::new(Duration::from_millis(100), ctx.reconnect_max);
     let mut first = true;
     let mut stop = ctx.stop.clone();
+    let mut idle = tokio::time::interval(Duration::from_secs(1));
     loop {
         let ev = tokio::select! {
             ev = events.poll() => ev,
             _ = stop.wait_for(|s| *s) => return,
+            _ = idle.tick() => {
+                ctx.beat.beat();
+                continue;
+            }
         };
-        beat(&ctx.state);
+        ctx.beat.beat();
         match ev {
             Ok(LinkEvent::Connected { session_present }) => {
                 backoff.reset();

@@ -40,8 +40,6 @@ pub struct Stats {
     pub dispatching: AtomicU64,
     /// Couriers online.
     pub couriers_online: AtomicU64,
-    /// Unix ms of the dispatch loop's last turn (heartbeat).
-    pub dispatch_beat_ms: AtomicU64,
 }
 
 /// A started daemon.
@@ -63,12 +61,40 @@ pub struct Running {
     pub publisher_stats: Arc<PublisherStats>,
     /// The embedded broker (None with an external one).
     pub broker: Option<pickup_broker::Broker>,
+    /// Progress of the dispatch loop, store writer, MQTT task and publisher (watchdog).
+    pub heartbeats: crate::systemd::Heartbeats,
     shutdown: Option<oneshot::Sender<()>>,
+    dispatch: mpsc::Sender<Input>,
+    heavy_kg: watch::Sender<f64>,
+    config: Config,
     fatal: mpsc::UnboundedReceiver<StoreError>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
+    /// Applies the settings that can change live (dispatch rules, admission limits,
+    /// tariff, templates, log level) and returns the changed ones that need a restart.
+    pub async fn reload(&mut self, new: Config) -> Vec<&'static str> {
+        let restart = self.config.needs_restart(&new);
+        let _ = self.heavy_kg.send(new.dispatch.heavy_kg);
+        crate::logging::set_level(&new.log.level);
+        if self
+            .dispatch
+            .send(Input::Reload(Box::new(new.clone())))
+            .await
+            .is_err()
+        {
+            tracing::warn!("reload: the dispatch loop has stopped");
+        }
+        self.config = new;
+        restart
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Stops gracefully: refuses new calls, finishes and commits what is in progress,
     /// flushes the outbox (bounded by `timeout`), publishes `daemon/state` = stopping,
     /// closes the database.
@@ -119,6 +145,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     // Store first: a damaged file must stop us before anything is announced.
     let conn = store::open(&path)?;
+    let heartbeats = crate::systemd::Heartbeats::new();
     let dcfg = cfg.dispatch_config();
     let loaded = store::load(&conn, &path, now, dcfg.keep_terminal_ms)?;
     tracing::info!(
@@ -203,6 +230,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.store.max_batch,
         committed_tx,
         fatal_tx,
+        Some(heartbeats.register("store-writer")),
     )?;
     let writer_stats = writer.stats.clone();
     let (pub_tx, pub_rx) = mpsc::unbounded_channel::<PubIn>();
@@ -227,6 +255,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         // Message expiry is an MQTT 5 property; through rumqttd it would reach MQTT 3.1.1
         // couriers and break their connections, so only external brokers get it.
         cfg.mqtt.version == 5 && !cfg.mqtt.url.is_empty(),
+        heartbeats.register("publisher"),
     ));
 
     // Reader thread for status reads.
@@ -242,7 +271,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     // Inbound MQTT task.
     let mqtt_state = Arc::new(MqttState::default());
     let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
+    let dispatch_tx_for_reload = dispatch_tx.clone();
+    let cfg_for_reload = cfg.clone();
     let (heavy_tx, heavy_rx) = watch::channel(cfg.dispatch.heavy_kg);
+    let heavy_tx_for_reload = heavy_tx.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_for_scales = stop_rx.clone();
     let inbound = tokio::spawn(inbound::run(
@@ -257,6 +289,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             heavy_kg: heavy_rx,
             reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
             stop: stop_rx,
+            beat: heartbeats.register("mqtt"),
         },
     ));
 
@@ -328,6 +361,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         board,
         tariff: cfg.tariff.clone(),
         heavy_kg: cfg.dispatch.heavy_kg,
+        beat: heartbeats.register("dispatch"),
+        stall_file: std::env::var_os("PICKUPD_TEST_STALL_FILE").map(PathBuf::from),
     };
     let done = {
         let link = link.clone();
@@ -402,7 +437,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         writer_stats,
         publisher_stats,
         broker,
+        heartbeats,
         shutdown: Some(shutdown_tx),
+        dispatch: dispatch_tx_for_reload,
+        heavy_kg: heavy_tx_for_reload,
+        config: cfg_for_reload,
         fatal: fatal_rx,
         done: Some(done),
     })
@@ -473,6 +512,11 @@ struct DispatchLoop {
     tariff: crate::tariff::Tariff,
     /// Heavy threshold.
     heavy_kg: f64,
+    /// Watchdog heartbeat.
+    beat: crate::systemd::Heartbeat,
+    /// Test-only fault injection: while this file exists the loop hangs (blocking its
+    /// thread), so the watchdog test can see pings stop. Unset in production.
+    stall_file: Option<PathBuf>,
 }
 
 impl DispatchLoop {
@@ -507,6 +551,11 @@ impl DispatchLoop {
                 _ = heartbeat.tick() => {
                     // Proves the loop turns and the writer takes work (watchdog).
                     let _ = self.writer.try_send(WriteJob { op: Op::Ping, after: None });
+                    if let Some(f) = &self.stall_file {
+                        while f.exists() {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
                 }
             }
             if self.core.wants_assign() {
@@ -519,9 +568,7 @@ impl DispatchLoop {
             self.stats
                 .couriers_online
                 .store(self.core.online_count() as u64, Ordering::Relaxed);
-            self.stats
-                .dispatch_beat_ms
-                .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::Relaxed);
+            self.beat.beat();
         }
         // Inputs still queued are requests not yet answered: kiosks retry them.
         rx.close();
@@ -719,6 +766,17 @@ impl DispatchLoop {
                     tracing::info!(courier_id = %cid, code = e.code.as_str(), error = %e.message, "refused job reply");
                 }
                 self.submit(d, Some(path)).await;
+            }
+            Input::Reload(cfg) => {
+                self.core.set_config(cfg.dispatch_config());
+                self.max_dispatching = cfg.limits.max_dispatching;
+                self.tariff = cfg.tariff.clone();
+                self.heavy_kg = cfg.dispatch.heavy_kg;
+                tracing::info!(
+                    radius_m = cfg.dispatch.radius_m,
+                    mode = ?cfg.dispatch.mode,
+                    "settings reloaded"
+                );
             }
             Input::Resync => {
                 let msgs = self.core.retained_snapshot(now);

@@ -65,8 +65,6 @@ pub struct PublisherStats {
     pub unacked: AtomicU64,
     /// Messages published.
     pub published: AtomicU64,
-    /// Unix ms of the last loop turn (heartbeat).
-    pub last_beat_ms: AtomicU64,
 }
 
 /// Runs the publisher until its input closes. `unsent` are outbox rows left from before
@@ -78,6 +76,7 @@ pub async fn run(
     unsent: Vec<(i64, OutMsg)>,
     stats: Arc<PublisherStats>,
     expiry: bool,
+    beat: crate::systemd::Heartbeat,
 ) {
     let mut p = Publisher {
         expiry,
@@ -92,7 +91,18 @@ pub async fn run(
     for (id, m) in unsent {
         p.publish_outbox(id, m).await;
     }
-    while let Some(first) = rx.recv().await {
+    let mut idle = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = idle.tick() => {
+                beat.beat();
+                continue;
+            }
+        };
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             if matches!(msg, PubIn::Stop) {
@@ -103,10 +113,7 @@ pub async fn run(
             next = rx.try_recv().ok();
         }
         p.flush_acks().await;
-        p.stats.last_beat_ms.store(
-            u64::try_from(crate::store::now_ms()).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        beat.beat();
     }
 }
 

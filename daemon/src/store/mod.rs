@@ -302,8 +302,6 @@ pub struct WriterStats {
     pub jobs: AtomicU64,
     /// Duration of the last commit, microseconds.
     pub last_commit_us: AtomicU64,
-    /// Unix ms of the last processed job (the watchdog's heartbeat).
-    pub last_beat_ms: AtomicU64,
     /// Jobs waiting in the queue (approximate).
     pub queued: AtomicU64,
 }
@@ -335,13 +333,16 @@ impl<R: Send + 'static> Writer<R> {
         max_batch: usize,
         committed: mpsc::UnboundedSender<Committed<R>>,
         fatal: mpsc::UnboundedSender<StoreError>,
+        beat: Option<crate::systemd::Heartbeat>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel::<WriteJob<R>>(queue.max(1));
         let stats = Arc::new(WriterStats::default());
         let st = stats.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, path, rx, max_batch.max(1), committed, fatal, st))?;
+            .spawn(move || {
+                writer_loop(conn, path, rx, max_batch.max(1), committed, fatal, st, beat)
+            })?;
         Ok((Self { tx, stats }, handle))
     }
 
@@ -372,6 +373,8 @@ impl<R: Send + 'static> Writer<R> {
     }
 }
 
+// The thread's whole context, passed once.
+#[allow(clippy::too_many_arguments)]
 fn writer_loop<R>(
     mut conn: Connection,
     path: PathBuf,
@@ -380,6 +383,7 @@ fn writer_loop<R>(
     committed: mpsc::UnboundedSender<Committed<R>>,
     fatal: mpsc::UnboundedSender<StoreError>,
     stats: Arc<WriterStats>,
+    beat: Option<crate::systemd::Heartbeat>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -402,9 +406,9 @@ fn writer_loop<R>(
                     n.min(stats.queued.load(Ordering::Relaxed)),
                     Ordering::Relaxed,
                 );
-                stats
-                    .last_beat_ms
-                    .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::Relaxed);
+                if let Some(b) = &beat {
+                    b.beat();
+                }
                 let after: Vec<R> = batch.drain(..).filter_map(|j| j.after).collect();
                 if !outbox.is_empty() || !after.is_empty() {
                     let _ = committed.send(Committed { outbox, after });

@@ -102,7 +102,7 @@ async fn writer_commits_groups_and_hands_on_outbox_rows() {
     let conn = open(&path).unwrap();
     let (ctx, mut crx) = mpsc::unbounded_channel();
     let (ftx, _frx) = mpsc::unbounded_channel();
-    let (w, handle) = Writer::<u32>::spawn(conn, path.clone(), 64, 32, ctx, ftx).unwrap();
+    let (w, handle) = Writer::<u32>::spawn(conn, path.clone(), 64, 32, ctx, ftx, None).unwrap();
     let changes = decision_changes();
     let n_out = changes
         .iter()
