@@ -56,6 +56,8 @@ pub struct Config {
     pub dispatch: DispatchSection,
     /// Admission limits.
     pub limits: Limits,
+    /// Admission control for new calls: per-client rate, queue high water, breaker.
+    pub admission: crate::app::admission::AdmissionConfig,
     /// Logging.
     pub log: LogConfig,
     /// Customer notifications.
@@ -75,6 +77,7 @@ impl Default for Config {
             broker: pickup_broker::BrokerConfig::default(),
             dispatch: DispatchSection::default(),
             limits: Limits::default(),
+            admission: crate::app::admission::AdmissionConfig::default(),
             log: LogConfig::default(),
             notifications: NotificationsConfig::default(),
             tariff: crate::tariff::Tariff::default(),

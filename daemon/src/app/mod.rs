@@ -10,6 +10,7 @@
 //! - the reader (thread): answers status reads from a read-only connection, never waiting
 //!   on writes.
 
+pub mod admission;
 pub mod inbound;
 pub mod publisher;
 
@@ -40,6 +41,8 @@ pub struct Stats {
     pub dispatching: AtomicU64,
     /// Couriers online.
     pub couriers_online: AtomicU64,
+    /// Call admission breaker: 0 closed, 1 open, 2 half-open.
+    pub admission: std::sync::atomic::AtomicU8,
 }
 
 /// A started daemon.
@@ -65,7 +68,7 @@ pub struct Running {
     pub heartbeats: crate::systemd::Heartbeats,
     shutdown: Option<oneshot::Sender<()>>,
     dispatch: mpsc::Sender<Input>,
-    heavy_kg: watch::Sender<f64>,
+    heavy_kg: watch::Sender<inbound::Live>,
     config: Config,
     fatal: mpsc::UnboundedReceiver<StoreError>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -76,7 +79,11 @@ impl Running {
     /// tariff, templates, log level) and returns the changed ones that need a restart.
     pub async fn reload(&mut self, new: Config) -> Vec<&'static str> {
         let restart = self.config.needs_restart(&new);
-        let _ = self.heavy_kg.send(new.dispatch.heavy_kg);
+        let _ = self.heavy_kg.send(inbound::Live {
+            heavy_kg: new.dispatch.heavy_kg,
+            admission: new.admission.clone(),
+            max_dispatching: new.limits.max_dispatching,
+        });
         crate::logging::set_level(&new.log.level);
         if self
             .dispatch
@@ -213,6 +220,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             state: DaemonStatus::Lost,
             version: Some(env!("CARGO_PKG_VERSION").into()),
             at: None,
+            admission: None,
         })
         .unwrap_or_default(),
         retain: true,
@@ -273,8 +281,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
     let dispatch_tx_for_reload = dispatch_tx.clone();
     let cfg_for_reload = cfg.clone();
-    let (heavy_tx, heavy_rx) = watch::channel(cfg.dispatch.heavy_kg);
+    let live = |c: &Config| inbound::Live {
+        heavy_kg: c.dispatch.heavy_kg,
+        admission: c.admission.clone(),
+        max_dispatching: c.limits.max_dispatching,
+    };
+    let (heavy_tx, heavy_rx) = watch::channel(live(&cfg));
     let heavy_tx_for_reload = heavy_tx.clone();
+    let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_for_scales = stop_rx.clone();
     let inbound = tokio::spawn(inbound::run(
@@ -286,7 +300,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             reads: read_tx,
             publisher: pub_tx.clone(),
             state: mqtt_state.clone(),
-            heavy_kg: heavy_rx,
+            live: heavy_rx,
+            admission: admission::Admission::new(cfg.admission.clone()),
+            stats: stats.clone(),
+            writer_stats: writer_stats.clone(),
+            writer_capacity: cfg.store.queue,
             reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
             stop: stop_rx,
             beat: heartbeats.register("mqtt"),
@@ -305,7 +323,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 let now =
                     st.subscribed.load(Ordering::Relaxed) && st.connected.load(Ordering::Relaxed);
                 if now && !was {
-                    let _ = pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready)));
+                    let _ =
+                        pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready, None)));
                     let _ = ready_tx.send(true);
                 }
                 was = now;
@@ -347,7 +366,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         });
     }
 
-    let stats = Arc::new(Stats::default());
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let reader = Reader::open(&path)?;
     let lp = DispatchLoop {
@@ -400,6 +418,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             let _ = pub_tx.send(PubIn::Raw(daemon_state(
                 &topics.daemon_state(),
                 DaemonStatus::Stopping,
+                None,
             )));
             let (tx, rx) = oneshot::channel();
             let _ = pub_tx.send(PubIn::Backlog(tx));
@@ -447,13 +466,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
-fn daemon_state(topic: &str, state: DaemonStatus) -> OutMsg {
+/// The retained `daemon/state` message.
+pub fn daemon_state(topic: &str, state: DaemonStatus, admission: Option<&str>) -> OutMsg {
     OutMsg {
         topic: topic.to_string(),
         payload: serde_json::to_vec(&DaemonState {
             state,
             version: Some(env!("CARGO_PKG_VERSION").into()),
             at: Some(now_ms()),
+            admission: admission.map(str::to_string),
         })
         .unwrap_or_default(),
         retain: true,
@@ -790,6 +811,7 @@ impl DispatchLoop {
                 let _ = self.publisher.send(PubIn::Raw(daemon_state(
                     &self.topics.daemon_state(),
                     DaemonStatus::Ready,
+                    None,
                 )));
             }
         }
