@@ -284,10 +284,11 @@ mod tests {
 
     #[test]
     fn sustained_overload_opens_then_probes_close() {
-        let mut cfg = AdmissionConfig::default();
-        cfg.per_client_rate = 1e9;
-        cfg.per_client_burst = 1e9;
-        let mut a = Admission::new(cfg);
+        let mut a = Admission::new(AdmissionConfig {
+            per_client_rate: 1e9,
+            per_client_burst: 1e9,
+            ..AdmissionConfig::default()
+        });
         let mut busy = idle();
         busy.inbound_queued = 95;
         let mut opened = None;
