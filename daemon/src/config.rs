@@ -96,6 +96,9 @@ pub struct StoreConfig {
     pub queue: usize,
     /// Jobs group-committed in one transaction at most.
     pub max_batch: usize,
+    /// Finished calls older than this are deleted (with their events) and their retained
+    /// state topics cleared, days; 0 keeps everything.
+    pub retention_days: u32,
 }
 
 impl Default for StoreConfig {
@@ -104,6 +107,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("./data/pickupd.db"),
             queue: 1024,
             max_batch: 256,
+            retention_days: 30,
         }
     }
 }

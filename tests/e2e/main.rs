@@ -5,3 +5,4 @@ mod bad_input;
 mod dispatch;
 mod external;
 mod overload;
+mod recovery;

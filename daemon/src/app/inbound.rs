@@ -148,6 +148,11 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
                 });
                 if !session_present && !first {
                     let _ = ctx.publisher.send(PubIn::SessionLost);
+                }
+                if !session_present || first {
+                    // A broker without our session may also lack the retained state, and
+                    // at start we cannot know what it holds (rumqttd keeps nothing on disk
+                    // and reports kept sessions it does not have): publish it again.
                     let _ = ctx.dispatch.send(Input::Resync).await;
                 }
                 first = false;

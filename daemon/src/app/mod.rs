@@ -381,6 +381,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         heavy_kg: cfg.dispatch.heavy_kg,
         beat: heartbeats.register("dispatch"),
         stall_file: std::env::var_os("PICKUPD_TEST_STALL_FILE").map(PathBuf::from),
+        db: path.clone(),
+        retention_days: cfg.store.retention_days,
     };
     let done = {
         let link = link.clone();
@@ -538,12 +540,22 @@ struct DispatchLoop {
     /// Test-only fault injection: while this file exists the loop hangs (blocking its
     /// thread), so the watchdog test can see pings stop. Unset in production.
     stall_file: Option<PathBuf>,
+    /// The database, for republishing retained state from a reader of its own.
+    db: PathBuf,
+    /// Retention of finished calls, days (0: keep).
+    retention_days: u32,
 }
 
 impl DispatchLoop {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut shutdown: oneshot::Receiver<()>) {
         let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Retention runs a minute after start, then every ten minutes, in small batches.
+        let mut retention = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(600),
+        );
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Recovery: timers were restored with their stored times; catch up at once.
         let d = self.core.tick(now_ms());
         self.submit(d, None).await;
@@ -569,6 +581,7 @@ impl DispatchLoop {
                     let d = self.core.tick(now_ms());
                     self.submit(d, None).await;
                 }
+                _ = retention.tick() => self.prune().await,
                 _ = heartbeat.tick() => {
                     // Proves the loop turns and the writer takes work (watchdog).
                     let _ = self.writer.try_send(WriteJob { op: Op::Ping, after: None });
@@ -593,6 +606,79 @@ impl DispatchLoop {
         }
         // Inputs still queued are requests not yet answered: kiosks retry them.
         rx.close();
+    }
+
+    /// Deletes finished calls past the retention period, a batch at a time.
+    async fn prune(&mut self) {
+        if self.retention_days == 0 {
+            return;
+        }
+        let before = now_ms().saturating_sub(i64::from(self.retention_days) * 86_400_000);
+        let job = WriteJob {
+            op: Op::Prune {
+                before,
+                limit: 500,
+                topics: self.topics.clone(),
+            },
+            after: None,
+        };
+        if self.writer.send(job).await.is_err() {
+            tracing::warn!("retention: the writer has stopped");
+        }
+    }
+
+    /// Publishes the retained state again: courier jobs from memory, call views from the
+    /// database (live calls and those within the retention period), page by page on a
+    /// blocking thread so the loop is not held up.
+    fn republish(&self, now: Millis) {
+        let jobs = self.core.retained_snapshot(now);
+        let n_mem = jobs.len();
+        for m in jobs {
+            let _ = self.publisher.send(PubIn::Raw(m));
+        }
+        let db = self.db.clone();
+        let topics = self.topics.clone();
+        let publisher = self.publisher.clone();
+        let since = if self.retention_days == 0 {
+            0
+        } else {
+            now.saturating_sub(i64::from(self.retention_days) * 86_400_000)
+        };
+        tokio::task::spawn_blocking(move || {
+            let reader = match Reader::open(&db) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "republish: cannot open the database");
+                    return;
+                }
+            };
+            let mut after = String::new();
+            let mut total = 0usize;
+            loop {
+                let page = match reader.views_page(since, &after, 500) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "republish: read failed");
+                        return;
+                    }
+                };
+                let Some((last, _)) = page.last() else { break };
+                after = last.clone();
+                total += page.len();
+                for (id, view) in page {
+                    let m = OutMsg {
+                        topic: topics.call_state(&id),
+                        payload: view.into_bytes(),
+                        retain: true,
+                        expiry_s: None,
+                    };
+                    if publisher.send(PubIn::Raw(m)).is_err() {
+                        return;
+                    }
+                }
+            }
+            tracing::info!(calls = total, jobs = n_mem, "retained state republished");
+        });
     }
 
     /// Queues a decision; its answer goes out after the commit that holds it.
@@ -793,6 +879,7 @@ impl DispatchLoop {
                 self.max_dispatching = cfg.limits.max_dispatching;
                 self.tariff = cfg.tariff.clone();
                 self.heavy_kg = cfg.dispatch.heavy_kg;
+                self.retention_days = cfg.store.retention_days;
                 tracing::info!(
                     radius_m = cfg.dispatch.radius_m,
                     mode = ?cfg.dispatch.mode,
@@ -800,14 +887,7 @@ impl DispatchLoop {
                 );
             }
             Input::Resync => {
-                let msgs = self.core.retained_snapshot(now);
-                tracing::info!(
-                    count = msgs.len(),
-                    "republishing retained state after the broker lost it"
-                );
-                for m in msgs {
-                    let _ = self.publisher.send(PubIn::Raw(m));
-                }
+                self.republish(now);
                 let _ = self.publisher.send(PubIn::Raw(daemon_state(
                     &self.topics.daemon_state(),
                     DaemonStatus::Ready,
