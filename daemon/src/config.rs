@@ -60,6 +60,8 @@ pub struct Config {
     pub admission: crate::app::admission::AdmissionConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Customer notifications.
     pub notifications: NotificationsConfig,
     /// Prices.
@@ -79,6 +81,7 @@ impl Default for Config {
             limits: Limits::default(),
             admission: crate::app::admission::AdmissionConfig::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
             notifications: NotificationsConfig::default(),
             tariff: crate::tariff::Tariff::default(),
             scales: Vec::new(),
@@ -226,6 +229,30 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
         }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` for the Prometheus endpoint (`/metrics`); empty turns it off. Keep it
+    /// on loopback: it has no authentication.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address, when metrics are on.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "metrics.listen",
+                "must be an address like 127.0.0.1:9187, or empty",
+            )
+        })
     }
 }
 
@@ -406,6 +433,9 @@ impl Config {
         }
         if serde_json::to_value(&self.broker).ok() != serde_json::to_value(&new.broker).ok() {
             v.push("broker");
+        }
+        if self.metrics.listen != new.metrics.listen {
+            v.push("metrics.listen");
         }
         if self.limits.inbound_queue != new.limits.inbound_queue
             || self.limits.read_queue != new.limits.read_queue

@@ -66,6 +66,10 @@ pub struct Running {
     pub broker: Option<pickup_broker::Broker>,
     /// Progress of the dispatch loop, store writer, MQTT task and publisher (watchdog).
     pub heartbeats: crate::systemd::Heartbeats,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where the metrics endpoint listens, when on.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     dispatch: mpsc::Sender<Input>,
     heavy_kg: watch::Sender<inbound::Live>,
@@ -366,6 +370,30 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         });
     }
 
+    // Metrics.
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let _ = writer_stats.commit_hist.set(metrics.commit_latency.clone());
+    let metrics_addr = match cfg.metrics.addr()? {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics.listen: cannot listen on {addr}"))?;
+            let bound = listener.local_addr()?;
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                crate::metrics::Live {
+                    stats: stats.clone(),
+                    mqtt: mqtt_state.clone(),
+                    publisher: publisher_stats.clone(),
+                },
+            ));
+            tracing::info!(listen = %bound, "metrics endpoint");
+            Some(bound)
+        }
+        None => None,
+    };
+
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let reader = Reader::open(&path)?;
     let lp = DispatchLoop {
@@ -383,6 +411,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         stall_file: std::env::var_os("PICKUPD_TEST_STALL_FILE").map(PathBuf::from),
         db: path.clone(),
         retention_days: cfg.store.retention_days,
+        metrics: metrics.clone(),
     };
     let done = {
         let link = link.clone();
@@ -459,6 +488,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         publisher_stats,
         broker,
         heartbeats,
+        metrics,
+        metrics_addr,
         shutdown: Some(shutdown_tx),
         dispatch: dispatch_tx_for_reload,
         heavy_kg: heavy_tx_for_reload,
@@ -544,6 +575,8 @@ struct DispatchLoop {
     db: PathBuf,
     /// Retention of finished calls, days (0: keep).
     retention_days: u32,
+    /// Event counters and the assignment latency histogram.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl DispatchLoop {
@@ -681,8 +714,37 @@ impl DispatchLoop {
         });
     }
 
+    /// Counts a decision's events; an assignment also records its latency.
+    fn count(&self, d: &Decision) {
+        use crate::dispatch::Change;
+        for c in &d.changes {
+            if let Change::Event(e) = c {
+                self.metrics
+                    .events
+                    .get_or_create(&crate::metrics::KindLabel {
+                        kind: e.kind.to_string(),
+                    })
+                    .inc();
+                if e.kind == "assigned" {
+                    let created = d.changes.iter().find_map(|c| match c {
+                        Change::Call(call) if Some(&call.id) == e.call_id.as_ref() => {
+                            Some(call.created_at)
+                        }
+                        _ => None,
+                    });
+                    if let Some(created) = created {
+                        self.metrics
+                            .assign_latency
+                            .observe(e.recorded_at.saturating_sub(created).max(0) as f64 / 1000.0);
+                    }
+                }
+            }
+        }
+    }
+
     /// Queues a decision; its answer goes out after the commit that holds it.
     async fn submit(&mut self, d: Decision, path: Option<ReplyPath>) {
+        self.count(&d);
         let after = match (d.reply, path) {
             (Some(body), Some(path)) if path.topic.is_some() => {
                 Some(AfterCommit::Reply(Reply { path, body }))

@@ -315,6 +315,8 @@ pub struct WriterStats {
     pub last_commit_us: AtomicU64,
     /// Jobs waiting in the queue (approximate).
     pub queued: AtomicU64,
+    /// Commit durations, when metrics are on.
+    pub commit_hist: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Handle to the writer thread.
@@ -411,6 +413,9 @@ fn writer_loop<R>(
             Ok(outbox) => {
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.last_commit_us.store(us, Ordering::Relaxed);
+                if let Some(h) = stats.commit_hist.get() {
+                    h.observe(us as f64 / 1e6);
+                }
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(n, Ordering::Relaxed);
                 stats.queued.fetch_sub(
