@@ -64,13 +64,10 @@ impl Metrics {
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             60.0, 300.0,
         ];
-        let assign_latency = Histogram::new(buckets.iter().copied());
-        let commit_latency = Histogram::new(
-            [
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-            ]
-            .into_iter(),
-        );
+        let assign_latency = Histogram::new(buckets);
+        let commit_latency = Histogram::new([
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+        ]);
         let m = Self {
             registry: Registry::default(),
             events: events.clone(),
