@@ -285,7 +285,6 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
         out
     };
     wait_until("metrics show the assignment", || {
-        let scrape = scrape.clone();
         async move {
             let m = tokio::task::spawn_blocking(scrape).await.unwrap();
             m.starts_with("HTTP/1.1 200")
