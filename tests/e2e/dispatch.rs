@@ -284,16 +284,14 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
         s.read_to_string(&mut out).unwrap();
         out
     };
-    wait_until("metrics show the assignment", || {
-        async move {
-            let m = tokio::task::spawn_blocking(scrape).await.unwrap();
-            m.starts_with("HTTP/1.1 200")
-                && m.contains("pickupd_call_events_total{kind=\"assigned\"} 1")
-                && m.contains("pickupd_couriers_online 1")
-                && m.contains("pickupd_assignment_latency_seconds_count 1")
-                && m.contains("pickupd_broker_connected 1")
-                && m.contains("pickupd_store_commit_seconds_count")
-        }
+    wait_until("metrics show the assignment", || async move {
+        let m = tokio::task::spawn_blocking(scrape).await.unwrap();
+        m.starts_with("HTTP/1.1 200")
+            && m.contains("pickupd_call_events_total{kind=\"assigned\"} 1")
+            && m.contains("pickupd_couriers_online 1")
+            && m.contains("pickupd_assignment_latency_seconds_count 1")
+            && m.contains("pickupd_broker_connected 1")
+            && m.contains("pickupd_store_commit_seconds_count")
     })
     .await;
     d.shutdown(DEADLINE).await.unwrap();
