@@ -926,31 +926,57 @@ async fn the_pickup_code_gates_pickup_and_the_kiosk_sees_every_step() {
 
 // ------------------------------------------------------------------ a simulated fleet
 
-/// Replays the audit trail per courier: from `assigned` to the event that ends the hold
-/// (completed, cancelled, reassigning). Panics when a courier is assigned a call while
-/// holding another, or still holds one at the end; returns each courier's intervals
-/// `(from, to, call)` in daemon time, checked not to overlap.
+/// Replays the audit trail per courier: a job is held from `assigned` to the event that
+/// ends the hold (completed, cancelled, reassigning), an offer from `offered` to its
+/// withdrawal, acceptance or cancellation. Panics when a courier gets an offer or a job
+/// while holding either, or still holds one at the end; returns each courier's job
+/// intervals `(from, to, call)` in daemon time, checked not to overlap.
 fn one_job_at_a_time(evs: &[Ev]) -> HashMap<String, Vec<(i64, i64, String)>> {
     let mut holding: HashMap<String, (String, i64)> = HashMap::new();
+    let mut offered: HashMap<String, String> = HashMap::new();
     let mut intervals: HashMap<String, Vec<(i64, i64, String)>> = HashMap::new();
     for e in evs {
         let (Some(call), Some(cid)) = (&e.call, &e.courier) else {
             continue;
         };
-        let holds = holding.get(cid).map(|(c, _)| c);
+        let holds = holding.get(cid).map(|(c, _)| c.clone());
+        let offer = offered.get(cid).cloned();
         match e.kind.as_str() {
+            "offered" => {
+                assert!(
+                    holds.is_none() && offer.is_none(),
+                    "{cid} offered {call} while holding {holds:?} / offered {offer:?}"
+                );
+                offered.insert(cid.clone(), call.clone());
+            }
+            "offer_withdrawn" if offer.as_ref() == Some(call) => {
+                offered.remove(cid);
+            }
             "assigned" => {
                 if let Some(other) = holds {
                     panic!("{cid} assigned {call} while holding {other}");
                 }
+                match offer {
+                    Some(o) if o == *call => {
+                        offered.remove(cid);
+                    }
+                    Some(o) => panic!("{cid} assigned {call} while offered {o}"),
+                    None => {}
+                }
                 holding.insert(cid.clone(), (call.clone(), e.recorded_at));
             }
-            "completed" | "cancelled" | "reassigning" if holds == Some(call) => {
-                let (_, from) = holding.remove(cid).unwrap();
-                intervals
-                    .entry(cid.clone())
-                    .or_default()
-                    .push((from, e.recorded_at, call.clone()));
+            "completed" | "cancelled" | "reassigning" => {
+                if offer.as_ref() == Some(call) {
+                    offered.remove(cid);
+                }
+                if holds.as_ref() == Some(call) {
+                    let (_, from) = holding.remove(cid).unwrap();
+                    intervals.entry(cid.clone()).or_default().push((
+                        from,
+                        e.recorded_at,
+                        call.clone(),
+                    ));
+                }
             }
             _ => {}
         }
@@ -958,6 +984,10 @@ fn one_job_at_a_time(evs: &[Ev]) -> HashMap<String, Vec<(i64, i64, String)>> {
     assert!(
         holding.is_empty(),
         "jobs still held at the end: {holding:?}"
+    );
+    assert!(
+        offered.is_empty(),
+        "offers still open at the end: {offered:?}"
     );
     for (cid, iv) in &intervals {
         for w in iv.windows(2) {
@@ -974,18 +1004,10 @@ fn around(north_m: f64, east_m: f64) -> (f64, f64) {
     (lat, lon)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
-    const CALLS: usize = 150;
-    const WAIT: Duration = Duration::from_secs(120);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = offer_config(dir.path(), 4);
-    cfg.dispatch.deadline_s = 10;
-    let deadline_ms = 10_000;
-    let db = cfg.store.path.clone();
-    let d = start_daemon(cfg).await;
-    let addr = d.broker_addr;
-    let mut fleet = AgentProcess::spawn(
+/// `courier-agent --simulate 200` that answers offers (declining a fifth), finishes jobs
+/// with the codes it is fed on stdin, and takes short breaks.
+fn spawn_fleet(addr: SocketAddr, dir: &Path, name: &str) -> AgentProcess {
+    AgentProcess::spawn(
         addr,
         &[
             "--simulate",
@@ -1010,12 +1032,17 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
             "-",
             "--json",
         ],
-        dir.path().join("fleet.out"),
+        dir.join(name),
         true,
-    );
-    let started = Instant::now();
-    let end = started + WAIT;
-    while d.stats.couriers_online.load(Ordering::Relaxed) < 200 {
+    )
+}
+
+/// How long a whole fleet scenario may take.
+const FLEET_WAIT: Duration = Duration::from_secs(120);
+
+async fn wait_online(d: &pickupd::app::Running, n: u64) {
+    let end = Instant::now() + FLEET_WAIT;
+    while d.stats.couriers_online.load(Ordering::Relaxed) < n {
         assert!(
             Instant::now() < end,
             "the fleet did not come online: {}",
@@ -1023,16 +1050,18 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let online_after = started.elapsed();
+}
 
-    // A stream of calls from two kiosks, spread around the center; the pickup codes go to
-    // the fleet as the customers would tell them.
-    let kiosks = [
-        Kiosk::connect(addr, "test", "kiosk-1", Version::V4).await,
-        Kiosk::connect(addr, "test", "kiosk-2", Version::V4).await,
-    ];
-    let mut ids = Vec::new();
-    let mut seed: u64 = 12345;
+/// Calls `range` from two kiosks, one every 40 ms, spread around the center; every 30th
+/// is 8 km out, beyond every courier's reach. Each code goes to the fleet as the customer
+/// would tell it. Returns (call id, code).
+async fn call_stream(
+    kiosks: &[Kiosk; 2],
+    range: std::ops::Range<usize>,
+    fleet: &mut AgentProcess,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut seed: u64 = 12345 + range.start as u64;
     let mut rnd = move || {
         seed = seed
             .wrapping_mul(6364136223846793005)
@@ -1040,12 +1069,9 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
         (seed >> 11) as f64 / (1u64 << 53) as f64
     };
     let mut pace = tokio::time::interval(Duration::from_millis(40));
-    let stream_start = Instant::now();
-    for i in 0..CALLS {
+    for i in range {
         pace.tick().await;
         let k = &kiosks[i % 2];
-        // Every 30th call is 8 km out, beyond every courier's reach: it must fail by its
-        // deadline.
         let (lat, lon) = if i % 30 == 0 {
             around(8_000.0, 0.0)
         } else {
@@ -1067,45 +1093,49 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
             .await;
         assert_eq!(a["ok"], true, "{a}");
         let id = call_id(&a);
-        fleet.line(&format!("{id} {}", a["pickup_code"].as_str().unwrap()));
-        ids.push(id);
+        let code = a["pickup_code"].as_str().unwrap().to_string();
+        fleet.line(&format!("{id} {code}"));
+        out.push((id, code));
     }
-    let stream_took = stream_start.elapsed();
+    out
+}
 
-    // Every call ends: completed (assigned and beyond) or failed by its deadline.
-    let finished = || {
-        let c = open_db(&db);
-        let n: i64 = c
-            .query_row(
-                "SELECT count(*) FROM calls WHERE status IN ('completed', 'failed')",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        n as usize
+/// Waits until `n` calls are completed or failed.
+async fn wait_finished(db: &Path, n: usize) {
+    let count = |sql: &str| -> Vec<(String, String)> {
+        open_db(db)
+            .prepare(sql)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
     };
-    let end = Instant::now() + WAIT;
-    while finished() < CALLS {
+    let end = Instant::now() + FLEET_WAIT;
+    while count("SELECT id, status FROM calls WHERE status IN ('completed', 'failed')").len() < n {
         if Instant::now() > end {
-            let c = open_db(&db);
-            let open: Vec<(String, String)> = c
-                .prepare("SELECT id, status FROM calls WHERE status NOT IN ('completed', 'failed')")
-                .unwrap()
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            panic!("calls still open: {open:?}");
+            panic!(
+                "calls still open: {:?}",
+                count("SELECT id, status FROM calls WHERE status NOT IN ('completed', 'failed')")
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let all_done = stream_start.elapsed();
-    assert!(fleet.child.try_wait().unwrap().is_none(), "the fleet died");
-    assert!(fleet.terminate(), "the fleet exits cleanly");
-    d.shutdown(DEADLINE).await.unwrap();
+}
 
-    // ---- checked from the SQLite file
-    let c = open_db(&db);
+/// What the SQLite file says about a finished fleet run.
+struct FleetReport {
+    completed: usize,
+    failed: usize,
+    couriers_served: usize,
+    events: Vec<Ev>,
+}
+
+/// Checks from the SQLite file that every call in `ids` ended completed (assigned and
+/// beyond, by one courier) or failed by its deadline, that no courier ever held two jobs
+/// (or an offer and a job) at once, and that the assignment rows agree.
+fn check_fleet_run(db: &Path, ids: &[String], deadline_ms: i64) -> FleetReport {
+    let c = open_db(db);
     let calls: Vec<(String, String)> = c
         .prepare("SELECT id, status FROM calls")
         .unwrap()
@@ -1115,13 +1145,21 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
         .unwrap();
     let mut stored: Vec<&String> = calls.iter().map(|(id, _)| id).collect();
     stored.sort();
-    ids.sort();
-    assert_eq!(stored, ids.iter().collect::<Vec<_>>());
-    let evs = events(&db);
-    let mut completed = 0;
-    let mut failed = 0;
+    let mut want: Vec<&String> = ids.iter().collect();
+    want.sort();
+    assert_eq!(stored, want);
+    let evs = events(db);
+    let intervals = one_job_at_a_time(&evs);
+    let (mut completed, mut failed) = (0, 0);
     for (id, status) in &calls {
         let mine: Vec<&Ev> = evs.iter().filter(|e| e.call.as_ref() == Some(id)).collect();
+        let (state, holder): (String, Option<String>) = c
+            .query_row(
+                "SELECT state, courier_id FROM assignments WHERE call_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
         match status.as_str() {
             "completed" => {
                 completed += 1;
@@ -1134,6 +1172,8 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
                 let by = who("completed").expect("completed by a courier");
                 assert_eq!(who("assigned").as_ref(), Some(&by), "{id}");
                 assert_eq!(who("picked_up").as_ref(), Some(&by), "{id}");
+                assert_eq!(state, "done", "{id}");
+                assert_eq!(holder.as_ref(), Some(&by), "{id}");
             }
             "failed" => {
                 failed += 1;
@@ -1149,46 +1189,144 @@ async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
                 let f = mine.iter().find(|e| e.kind == "failed").unwrap();
                 assert!(f.recorded_at >= requested.recorded_at + deadline_ms, "{id}");
                 assert!(!mine.iter().any(|e| e.kind == "assigned"), "{id}");
+                assert_eq!(state, "failed", "{id}");
             }
             other => panic!("call {id} ended {other}"),
         }
     }
-
-    // No courier ever holds two jobs at once.
-    let intervals = one_job_at_a_time(&evs);
-    // The assignment rows agree with the trail: each completed call's courier is the one
-    // that completed it.
-    for (id, status) in &calls {
-        let (state, courier): (String, Option<String>) = c
-            .query_row(
-                "SELECT state, courier_id FROM assignments WHERE call_id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        match status.as_str() {
-            "completed" => {
-                assert_eq!(state, "done", "{id}");
-                let by = intervals
-                    .iter()
-                    .find(|(_, iv)| iv.iter().any(|(_, _, call)| call == id))
-                    .map(|(cid, _)| cid.clone());
-                assert_eq!(courier, by, "{id}");
-            }
-            _ => assert_eq!(state, "failed", "{id}"),
-        }
+    FleetReport {
+        completed,
+        failed,
+        couriers_served: intervals.len(),
+        events: evs,
     }
-    let count = |k: &str| evs.iter().filter(|e| e.kind == k).count();
+}
+
+impl FleetReport {
+    fn count(&self, kind: &str) -> usize {
+        self.events.iter().filter(|e| e.kind == kind).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_fleet_of_200_serves_a_stream_of_calls_one_job_at_a_time() {
+    const CALLS: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = offer_config(dir.path(), 4);
+    cfg.dispatch.deadline_s = 10;
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let addr = d.broker_addr;
+    let started = Instant::now();
+    let mut fleet = spawn_fleet(addr, dir.path(), "fleet.out");
+    wait_online(&d, 200).await;
+    let online_after = started.elapsed();
+
+    let kiosks = [
+        Kiosk::connect(addr, "test", "kiosk-1", Version::V4).await,
+        Kiosk::connect(addr, "test", "kiosk-2", Version::V4).await,
+    ];
+    let stream_start = Instant::now();
+    let calls = call_stream(&kiosks, 0..CALLS, &mut fleet).await;
+    let stream_took = stream_start.elapsed();
+    wait_finished(&db, CALLS).await;
+    let all_done = stream_start.elapsed();
+    assert!(fleet.child.try_wait().unwrap().is_none(), "the fleet died");
+    assert!(fleet.terminate(), "the fleet exits cleanly");
+    d.shutdown(DEADLINE).await.unwrap();
+
+    let ids: Vec<String> = calls.into_iter().map(|(id, _)| id).collect();
+    let r = check_fleet_run(&db, &ids, 10_000);
     println!(
         "fleet of 200: online in {online_after:?}; {CALLS} calls sent in {stream_took:?}, all finished {all_done:?} after the first; \
-         completed {completed}, failed {failed}; offers {}, declined {}, offer timeouts {}, withdrawn {}; \
-         {} couriers served calls",
-        count("offered"),
-        count("declined"),
-        count("offer_timeout"),
-        count("offer_withdrawn"),
-        intervals.len()
+         completed {}, failed {}; offers {}, declined {}, offer timeouts {}, withdrawn {}; {} couriers served calls",
+        r.completed,
+        r.failed,
+        r.count("offered"),
+        r.count("declined"),
+        r.count("offer_timeout"),
+        r.count("offer_withdrawn"),
+        r.couriers_served
     );
-    assert!(completed > 0);
-    assert!(failed >= CALLS / 30, "the calls out of reach failed");
+    assert!(r.completed > 0);
+    assert!(r.failed >= CALLS / 30, "the calls out of reach failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_killed_mid_stream_comes_back_and_no_courier_holds_two_jobs() {
+    const CALLS: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = offer_config(dir.path(), 4);
+    cfg.dispatch.deadline_s = 10;
+    cfg.dispatch.grace_s = 1;
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let addr = d.broker_addr;
+    let mut fleet = spawn_fleet(addr, dir.path(), "fleet-1.out");
+    wait_online(&d, 200).await;
+    let kiosks = [
+        Kiosk::connect(addr, "test", "kiosk-1", Version::V4).await,
+        Kiosk::connect(addr, "test", "kiosk-2", Version::V4).await,
+    ];
+    let mut calls = call_stream(&kiosks, 0..CALLS / 2, &mut fleet).await;
+
+    // The whole fleet dies with jobs in hand: 200 last wills; the held jobs are
+    // reassigned once the grace period is over, with nobody online to take them.
+    let held_at_kill = open_db(&db)
+        .query_row(
+            "SELECT count(*) FROM assignments WHERE state IN ('assigned', 'picked_up')",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap();
+    fleet.kill();
+    let end = Instant::now() + FLEET_WAIT;
+    while d.stats.couriers_online.load(Ordering::Relaxed) > 0 {
+        assert!(Instant::now() < end, "the wills did not all arrive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reassigning = || {
+        open_db(&db)
+            .query_row(
+                "SELECT count(*) FROM events WHERE kind = 'reassigning'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+    };
+    if held_at_kill > 0 {
+        let end = Instant::now() + FLEET_WAIT;
+        while reassigning() == 0 {
+            assert!(
+                Instant::now() < end,
+                "no reassignment after the grace period"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // The same couriers come back (same ids and sessions; the codes told again), and the
+    // stream goes on.
+    let mut fleet = spawn_fleet(addr, dir.path(), "fleet-2.out");
+    for (id, code) in &calls {
+        fleet.line(&format!("{id} {code}"));
+    }
+    wait_online(&d, 200).await;
+    calls.extend(call_stream(&kiosks, CALLS / 2..CALLS, &mut fleet).await);
+    wait_finished(&db, CALLS).await;
+    assert!(fleet.terminate(), "the fleet exits cleanly");
+    d.shutdown(DEADLINE).await.unwrap();
+
+    let ids: Vec<String> = calls.into_iter().map(|(id, _)| id).collect();
+    let r = check_fleet_run(&db, &ids, 10_000);
+    println!(
+        "fleet killed and back: held at kill {held_at_kill}, reassigned {}; completed {}, failed {}; \
+         offers {}, withdrawn {}",
+        r.count("reassigning"),
+        r.completed,
+        r.failed,
+        r.count("offered"),
+        r.count("offer_withdrawn"),
+    );
+    assert!(r.completed > 0);
 }
