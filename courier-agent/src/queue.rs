@@ -33,7 +33,7 @@ pub enum QueueError {
         source: io::Error,
     },
     /// [`MAX_QUEUED`] replies are waiting already.
-    #[error("{MAX_QUEUED} replies are already waiting to be sent")]
+    #[error("{MAX_QUEUED} replies are already waiting for an answer")]
     Full,
 }
 
