@@ -7,3 +7,4 @@ mod dispatch;
 mod external;
 mod overload;
 mod recovery;
+mod scale;
