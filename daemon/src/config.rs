@@ -60,6 +60,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Customer notifications.
     pub notifications: NotificationsConfig,
+    /// Device identities, anonymous access, TLS trust.
+    pub security: crate::security::SecurityConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: LogConfig::default(),
             notifications: NotificationsConfig::default(),
+            security: crate::security::SecurityConfig::default(),
         }
     }
 }
@@ -294,9 +297,10 @@ impl Config {
             return Err(invalid("store.max_batch", "must be at least 1"));
         }
         if !self.mqtt.url.is_empty() {
-            pickup_protocol::client::BrokerUrl::parse(&self.mqtt.url)
+            pickup_protocol::client::Endpoint::parse(&self.mqtt.url)
                 .map_err(|e| invalid("mqtt.url", e.to_string()))?;
         }
+        self.security.validate(self)?;
         if !matches!(self.mqtt.version, 4 | 5) {
             return Err(invalid("mqtt.version", "must be 4 (MQTT 3.1.1) or 5"));
         }
@@ -390,6 +394,9 @@ impl Config {
         }
         if serde_json::to_value(&self.broker).ok() != serde_json::to_value(&new.broker).ok() {
             v.push("broker");
+        }
+        if serde_json::to_value(&self.security).ok() != serde_json::to_value(&new.security).ok() {
+            v.push("security");
         }
         if self.limits.inbound_queue != new.limits.inbound_queue
             || self.limits.read_queue != new.limits.read_queue

@@ -12,7 +12,8 @@
 //! - [`breaker`]: the one circuit breaker type (admission, scale, notification relay);
 //! - [`ctl`]: what `pickupctl` does;
 //! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
-//! - [`logging`]: log setup.
+//! - [`logging`]: log setup;
+//! - [`security`]: the device registry, broker authentication, Mosquitto ACL generation.
 
 pub mod app;
 pub mod breaker;
@@ -22,5 +23,6 @@ pub mod demo;
 pub mod dispatch;
 pub mod logging;
 pub mod scale;
+pub mod security;
 pub mod store;
 pub mod tariff;
