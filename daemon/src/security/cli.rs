@@ -69,6 +69,21 @@ pub enum BrokerCmd {
         /// Site (default: `site` from the settings).
         #[arg(long = "for-site")]
         site: Option<String>,
+        /// System user Mosquitto runs as; the files are handed to it when run as root.
+        #[arg(long, default_value = "mosquitto")]
+        owner: String,
+        /// Plain MQTT listener, ADDR:PORT (repeatable).
+        #[arg(long = "listen", default_value = "127.0.0.1:1883")]
+        listen: Vec<std::net::SocketAddr>,
+        /// TLS listener, ADDR:PORT (repeatable); needs --certfile and --keyfile.
+        #[arg(long = "tls-listen")]
+        tls_listen: Vec<std::net::SocketAddr>,
+        /// Server certificate chain (PEM) for the TLS listeners.
+        #[arg(long, requires = "keyfile")]
+        certfile: Option<PathBuf>,
+        /// Server private key (PEM) for the TLS listeners.
+        #[arg(long, requires = "certfile")]
+        keyfile: Option<PathBuf>,
     },
 }
 
@@ -210,11 +225,35 @@ fn mosquitto_hint() {
 pub fn broker(a: &RegistryArgs, cmd: BrokerCmd) -> anyhow::Result<()> {
     let pl = place(a)?;
     match cmd {
-        BrokerCmd::MosquittoConfig { out, site } => {
+        BrokerCmd::MosquittoConfig {
+            out,
+            site,
+            owner,
+            listen,
+            tls_listen,
+            certfile,
+            keyfile,
+        } => {
             let site = site.unwrap_or_else(|| pl.cfg.site.clone());
             let topics = Topics::new(&site)?;
             let reg = Registry::load(&pl.registry)?;
-            let w = mosquitto::write_config(&reg, &topics, &out)?;
+            let tls = match (certfile, keyfile, tls_listen.is_empty()) {
+                (Some(c), Some(k), false) => Some((c, k)),
+                (_, _, true) => None,
+                _ => anyhow::bail!("--tls-listen needs --certfile and --keyfile"),
+            };
+            let mut listeners: Vec<mosquitto::MqttListener> = listen
+                .into_iter()
+                .map(|addr| mosquitto::MqttListener { addr, tls: None })
+                .collect();
+            listeners.extend(tls_listen.into_iter().map(|addr| mosquitto::MqttListener {
+                addr,
+                tls: tls.clone(),
+            }));
+            let w = mosquitto::write_config(&reg, &topics, &out, &listeners)?;
+            if !mosquitto::chown_to(&w, &owner)? {
+                eprintln!("note: the files stay owned by the current user; Mosquitto must be able to read them");
+            }
             println!("{}", w.passwd.display());
             println!("{}", w.acl.display());
             println!("{}", w.conf.display());
