@@ -26,7 +26,6 @@ use tokio::sync::mpsc;
 pub struct Got {
     pub topic: String,
     pub payload: Vec<u8>,
-    pub retain: bool,
 }
 
 /// A plain MQTT 3.1.1 client that reports CONNACK refusals, records every message and
@@ -87,7 +86,6 @@ impl Dev {
                         Ok(Event::Incoming(Packet::Publish(p))) => got.lock().unwrap().push(Got {
                             topic: p.topic,
                             payload: p.payload.to_vec(),
-                            retain: p.retain,
                         }),
                         Ok(Event::Incoming(Packet::SubAck(s))) => {
                             let _ = tx.send(s.return_codes);
@@ -203,8 +201,6 @@ pub struct SecureMosquitto {
     pub addr: SocketAddr,
     /// TLS listener, when asked for.
     pub tls_addr: Option<SocketAddr>,
-    /// The generated files.
-    pub dir: PathBuf,
 }
 
 impl SecureMosquitto {
@@ -246,7 +242,6 @@ impl SecureMosquitto {
             child,
             addr,
             tls_addr,
-            dir: dir.to_path_buf(),
         };
         let end = Instant::now() + DEADLINE;
         for a in std::iter::once(addr).chain(tls_addr) {
@@ -286,7 +281,6 @@ pub fn open_up(dir: &Path) {
 /// A certificate authority and a server certificate for 127.0.0.1/localhost, made with
 /// the openssl command line.
 pub struct Pki {
-    pub dir: PathBuf,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -309,13 +303,35 @@ impl Pki {
             );
         };
         run(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
             "/CN=pickupd test CA",
         ]);
         run(&[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
         ]);
         std::fs::write(
             dir.join("ext.cnf"),
@@ -323,47 +339,26 @@ impl Pki {
         )
         .unwrap();
         run(&[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
         ]);
         Pki {
-            dir: dir.to_path_buf(),
             ca: dir.join("ca.pem"),
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
         }
     }
-
-    /// rumqttc TLS transport trusting this CA (rustls, ring provider).
-    pub fn transport(&self) -> rumqttc::Transport {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&self.ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(cfg)))
-    }
-}
-
-/// Connects a [`Dev`] over TLS trusting `pki`'s CA.
-pub async fn dev_tls(
-    addr: SocketAddr,
-    client_id: &str,
-    creds: Option<(&str, &str)>,
-    pki: &Pki,
-) -> Result<Dev, String> {
-    let mut o = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    if let Some((u, p)) = creds {
-        o.set_credentials(u, p);
-    }
-    o.set_transport(pki.transport());
-    Dev::from_options(o).await
 }

@@ -57,7 +57,10 @@ async fn phone_numbers_are_masked_outside_the_relay_channel() {
     wait_until("daemon ready", || {
         let seen = seen.clone();
         let topic = t.daemon_state();
-        async move { seen.last_json(&topic).is_some_and(|v| v["state"] == "ready") }
+        async move {
+            seen.last_json(&topic)
+                .is_some_and(|v| v["state"] == "ready")
+        }
     })
     .await;
 
@@ -69,13 +72,18 @@ async fn phone_numbers_are_masked_outside_the_relay_channel() {
     assert_eq!(a["ok"], true, "{a}");
     let id = a["call"]["call_id"].as_str().unwrap().to_string();
     let code = a["pickup_code"].as_str().unwrap().to_string();
-    assert!(!a.to_string().contains(TEL_DIGITS), "the kiosk's answer shows the full number");
+    assert!(
+        !a.to_string().contains(TEL_DIGITS),
+        "the kiosk's answer shows the full number"
+    );
     courier.wait_job(JobKind::Assigned, &id).await;
     let r = courier
         .reply(json!({"call_id": id, "action": "picked_up", "pickup_code": code}))
         .await;
     assert_eq!(r["ok"], true, "{r}");
-    let r = courier.reply(json!({"call_id": id, "action": "completed"})).await;
+    let r = courier
+        .reply(json!({"call_id": id, "action": "completed"}))
+        .await;
     assert_eq!(r["ok"], true, "{r}");
     // A second call, cancelled, with another number format.
     let mut body = kiosk.call_body("p2");
@@ -89,7 +97,10 @@ async fn phone_numbers_are_masked_outside_the_relay_channel() {
         .create(json!({"request_id": "p3", "tel": TEL, "location": {"lat": 95.0, "lon": 0}, "parcel": {"class": "light"}}))
         .await;
     kiosk
-        .raw(&t.calls_create(), format!("{{\"tel\":\"{TEL}\",").into_bytes())
+        .raw(
+            &t.calls_create(),
+            format!("{{\"tel\":\"{TEL}\",").into_bytes(),
+        )
         .await;
 
     wait_until("notifications for both calls", || {
@@ -97,22 +108,35 @@ async fn phone_numbers_are_masked_outside_the_relay_channel() {
         let topic = t.notifications();
         async move {
             let n = seen.on(&topic);
-            n.iter().any(|m| String::from_utf8_lossy(&m.payload).contains("cancel"))
-                && n.iter().any(|m| String::from_utf8_lossy(&m.payload).contains("picked_up"))
+            n.iter()
+                .any(|m| String::from_utf8_lossy(&m.payload).contains("cancel"))
+                && n.iter()
+                    .any(|m| String::from_utf8_lossy(&m.payload).contains("picked_up"))
         }
     })
     .await;
 
     // Full numbers: on notifications, and nowhere else the daemon publishes.
     let notes = seen.on(&t.notifications());
-    assert!(notes.iter().any(|m| String::from_utf8_lossy(&m.payload).contains(TEL)));
-    assert!(notes.iter().any(|m| String::from_utf8_lossy(&m.payload).contains(TEL2)));
+    assert!(notes
+        .iter()
+        .any(|m| String::from_utf8_lossy(&m.payload).contains(TEL)));
+    assert!(notes
+        .iter()
+        .any(|m| String::from_utf8_lossy(&m.payload).contains(TEL2)));
     for m in seen.all() {
         let text = String::from_utf8_lossy(&m.payload);
-        if m.topic == t.notifications() || m.topic.ends_with("/job/reply") || m.topic.ends_with("/calls/create") {
+        if m.topic == t.notifications()
+            || m.topic.ends_with("/job/reply")
+            || m.topic.ends_with("/calls/create")
+        {
             continue; // the relay channel, and what devices sent
         }
-        assert!(!text.contains(TEL_DIGITS) && !text.contains("9876 5432"), "full number on {}: {text}", m.topic);
+        assert!(
+            !text.contains(TEL_DIGITS) && !text.contains("9876 5432"),
+            "full number on {}: {text}",
+            m.topic
+        );
     }
 
     // Retained state as a late subscriber sees it: masked, no pickup code.
@@ -127,9 +151,21 @@ async fn phone_numbers_are_masked_outside_the_relay_channel() {
     assert!(retained.len() >= 4, "{retained:?}");
     for m in &retained {
         let text = String::from_utf8_lossy(&m.payload);
-        assert!(!text.contains(TEL_DIGITS) && !text.contains("9876 5432"), "full number retained on {}: {text}", m.topic);
-        assert!(!text.contains(&format!("\"{code}\"")) && !text.contains(&format!("\"{code2}\"")), "pickup code retained on {}: {text}", m.topic);
-        assert!(!text.contains("pickup_code"), "pickup code field retained on {}: {text}", m.topic);
+        assert!(
+            !text.contains(TEL_DIGITS) && !text.contains("9876 5432"),
+            "full number retained on {}: {text}",
+            m.topic
+        );
+        assert!(
+            !text.contains(&format!("\"{code}\"")) && !text.contains(&format!("\"{code2}\"")),
+            "pickup code retained on {}: {text}",
+            m.topic
+        );
+        assert!(
+            !text.contains("pickup_code"),
+            "pickup code field retained on {}: {text}",
+            m.topic
+        );
     }
     let state = late.last_json(&t.call_state(&id)).unwrap();
     assert_eq!(state["tel"], "010-****-6789", "{state}");
@@ -142,12 +178,21 @@ async fn phone_numbers_are_masked_outside_the_relay_channel() {
     let st = child.0.wait().unwrap();
     assert!(st.success(), "pickupd exit: {st}");
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(log.contains(&id), "the log shows the call id (sanity check that it was captured)");
+    assert!(
+        log.contains(&id),
+        "the log shows the call id (sanity check that it was captured)"
+    );
     assert!(!log.contains(TEL_DIGITS), "full phone number in the log");
     assert!(!log.contains("9876 5432"), "full phone number in the log");
 
     // The database and its WAL/SHM files are 0600.
-    for f in ["pickupd.db", "pickupd.db-wal", "pickupd.db-shm", "registry.json", "daemon.secret"] {
+    for f in [
+        "pickupd.db",
+        "pickupd.db-wal",
+        "pickupd.db-shm",
+        "registry.json",
+        "daemon.secret",
+    ] {
         let p = dir.path().join(f);
         if let Ok(m) = std::fs::metadata(&p) {
             assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f} is not 0600");
