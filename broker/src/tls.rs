@@ -242,3 +242,37 @@ async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let mut s = TlsSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cert: dir.path().join("missing.pem"),
+            key: junk.clone(),
+            client_ca: None,
+            handshake_timeout_ms: 10_000,
+        };
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("broker.tls.cert:"), "{e}");
+        s.cert = junk.clone();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("broker.tls.cert:"), "{e}");
+        s.handshake_timeout_ms = 5;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("broker.tls.handshake_timeout_ms:"), "{e}");
+        let parsed: crate::BrokerConfig = toml::from_str(
+            "[tls]\nlisten = \"127.0.0.1:8883\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n",
+        )
+        .unwrap();
+        let t = parsed.tls.unwrap();
+        assert_eq!(t.handshake_timeout_ms, 10_000);
+        assert!(t.client_ca.is_none());
+    }
+}
