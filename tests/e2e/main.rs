@@ -8,3 +8,4 @@ mod external;
 mod overload;
 mod recovery;
 mod scale;
+mod security;
