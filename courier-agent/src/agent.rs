@@ -287,6 +287,7 @@ impl Agent {
         opts.clean_session = false;
         opts.keep_alive_s = config.keep_alive_s;
         opts.credentials = config.credentials.clone();
+        opts.tls = config.tls.clone();
         opts.channel_capacity = config.channel_capacity;
         opts.max_packet = 64 * 1024;
         opts.will = Some(Will {

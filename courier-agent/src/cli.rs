@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use pickup_protocol::client::{BrokerUrl, Version};
+use pickup_protocol::client::Version;
 use pickup_protocol::Vehicle;
 
 use crate::codes::CodeSource;
@@ -24,13 +24,16 @@ use crate::queue::QueueStore;
 picked <code>, done, shift on|off, move <lat> <lon>, status, help, quit"
 )]
 pub struct Cli {
-    /// Broker URL (mqtt://host:port).
+    /// Broker URL (mqtt://host:port, or mqtts://host:port with --cafile).
     #[arg(
         long,
         env = "COURIER_AGENT_BROKER",
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub broker: String,
+    /// PEM file of the certificate authorities to trust for mqtts:// brokers.
+    #[arg(long, env = "COURIER_AGENT_CAFILE")]
+    pub cafile: Option<std::path::PathBuf>,
     /// Site name (topics live under pickup/v1/SITE/).
     #[arg(long, default_value = "default")]
     pub site: String,
@@ -167,8 +170,23 @@ fn parse_center(s: &str) -> Result<Point, ConfigError> {
 impl Cli {
     /// Checks the flags and builds what to run; errors name the flag.
     pub fn into_run(self) -> Result<Run, ConfigError> {
-        let broker = BrokerUrl::parse(&self.broker)
+        let endpoint = pickup_protocol::client::Endpoint::parse(&self.broker)
             .map_err(|e| ConfigError::new(format!("--broker: {e}")))?;
+        let broker = endpoint.url;
+        let tls =
+            match (endpoint.tls, &self.cafile) {
+                (true, Some(ca)) => Some(
+                    pickup_protocol::client::TlsClient::from_ca_file(ca)
+                        .map_err(|e| ConfigError::new(format!("--cafile: {e}")))?,
+                ),
+                (true, None) => return Err(ConfigError::new(
+                    "--cafile: needed for an mqtts:// broker (the CA that signed its certificate)",
+                )),
+                (false, Some(_)) => {
+                    return Err(ConfigError::new("--cafile: only for mqtts:// brokers"))
+                }
+                (false, None) => None,
+            };
         let vehicle = Vehicle::parse(&self.vehicle).ok_or_else(|| {
             ConfigError::new(format!(
                 "--vehicle: must be bicycle, scooter, car, van or truck, got {:?}",
@@ -248,6 +266,7 @@ impl Cli {
             let prefix = self.id.unwrap_or_else(|| "sim".into());
             let mut template = AgentConfig::new(broker, &self.site, &prefix, vehicle, center);
             template.credentials = credentials;
+            template.tls = tls;
             template.version = version;
             template.policy = policy;
             template.location_interval = Duration::from_secs(self.location_interval_s);
@@ -303,6 +322,7 @@ impl Cli {
         c.tel = self.tel;
         c.available = !self.off_shift;
         c.credentials = credentials;
+        c.tls = tls;
         c.version = version;
         if let Some(q) = self.queue_file {
             c.queue = QueueStore::File(q);

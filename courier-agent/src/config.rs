@@ -94,6 +94,8 @@ pub struct AgentConfig {
     pub available: bool,
     /// Username and password, when the broker requires them.
     pub credentials: Option<(String, String)>,
+    /// TLS trust for `mqtts://` brokers.
+    pub tls: Option<pickup_protocol::client::TlsClient>,
     /// MQTT protocol version.
     pub version: Version,
     /// Where replies wait until the broker acknowledges them.
@@ -140,6 +142,7 @@ impl AgentConfig {
             position,
             available: true,
             credentials: None,
+            tls: None,
             version: Version::V4,
             queue: QueueStore::File(default_queue_path(courier_id)),
             policy: Policy::default(),

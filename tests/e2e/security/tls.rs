@@ -174,6 +174,40 @@ async fn embedded_tls_listener_needs_the_right_ca() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cafile"));
 
+    // A courier handheld over mqtts:// comes online (its presence reaches a watcher).
+    let (seen, _w) = watch(d.broker_addr, vec![t.courier_presence("tls1")]).await;
+    let mut agent = Command::new(workspace_bin("courier-agent"))
+        .args([
+            "--broker",
+            &format!("mqtts://127.0.0.1:{port}"),
+            "--cafile",
+            pki.ca.to_str().unwrap(),
+            "--site",
+            "test",
+            "--id",
+            "tls1",
+            "--vehicle",
+            "car",
+            "--lat",
+            "37.5",
+            "--lon",
+            "127.0",
+            "--no-input",
+            "--queue-file",
+            dir.path().join("tls1.queue").to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("courier online over TLS", || async {
+        seen.last_json(&t.courier_presence("tls1"))
+            .is_some_and(|v| v["state"] == "online")
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+
     let _ = silent.write_all(b"\x16\x03");
     d.shutdown(DEADLINE).await.unwrap();
 }
