@@ -222,6 +222,8 @@ impl Default for LogConfig {
 pub struct NotificationsConfig {
     /// Texts.
     pub templates: Templates,
+    /// The optional HTTP sink.
+    pub webhook: crate::notify::webhook::WebhookConfig,
 }
 
 impl Config {
@@ -351,6 +353,7 @@ impl Config {
             .templates
             .validate()
             .map_err(ConfigError::Load)?;
+        self.notifications.webhook.validate()?;
         Ok(())
     }
 
@@ -370,6 +373,7 @@ impl Config {
             keep_terminal_ms: ms(d.keep_terminal_s),
             use_index: true,
             templates: self.notifications.templates.clone(),
+            webhook: self.notifications.webhook.enabled(),
         }
     }
 
@@ -395,6 +399,9 @@ impl Config {
             || self.limits.read_queue != new.limits.read_queue
         {
             v.push("limits.inbound_queue/limits.read_queue");
+        }
+        if self.notifications.webhook != new.notifications.webhook {
+            v.push("notifications.webhook");
         }
         v
     }

@@ -94,6 +94,9 @@ pub enum Command {
         /// Call id.
         call_id: String,
     },
+    /// List customer notification deliveries to the webhook; re-drive a dead one.
+    /// Works on the database file (run it on the box as the daemon's user).
+    Notifications(crate::notify::ctl::NotificationsArgs),
     /// Print call state changes as they happen (retained state topics).
     Watch {
         /// Only this call.
@@ -245,6 +248,7 @@ pub async fn run(c: Common, cmd: Command) -> anyhow::Result<()> {
             let raw = r.request(&t.call_get(&call_id), json!({}), timeout).await?;
             print_answer::<CallAnswer>(&c, &raw, |a| describe(&a.call))
         }
+        Command::Notifications(args) => crate::notify::ctl::run(args, c.json),
         Command::Watch { call_id, count } => {
             let topics = Topics::new(&c.site)?;
             let filter = match &call_id {

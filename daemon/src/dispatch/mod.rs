@@ -15,7 +15,7 @@ pub mod saga;
 pub use call::{Call, Offer};
 pub use courier::Courier;
 pub use saga::{
-    CancelledBy, Change, Decision, DispatchConfig, Dispatcher, EventRow, Mode, NewCall, OutMsg,
+    CancelledBy, Change, Decision, Delivery, DispatchConfig, Dispatcher, EventRow, Mode, NewCall, OutMsg,
     ReplyBody,
 };
 

@@ -7,6 +7,7 @@
 //! "accepted" answer went out survives a power cut. Throughput comes from group commit:
 //! every job waiting in the queue joins one transaction and one fsync.
 
+pub mod deliveries;
 mod schema;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -273,6 +274,8 @@ pub enum Op {
     MarkSent(Vec<i64>),
     /// Liveness check: proves the writer is taking work.
     Ping,
+    /// A notification sink's decision about one delivery (delivered, retry later, dead).
+    Delivery(deliveries::Update),
 }
 
 /// A job in the writer's queue: work, and what to hand on once it is committed.
@@ -437,6 +440,7 @@ fn apply_batch<R>(
     for job in batch {
         match &job.op {
             Op::Ping => {}
+            Op::Delivery(u) => deliveries::update(&tx, u, now)?,
             Op::MarkSent(ids) => {
                 let mut st = tx.prepare_cached("UPDATE outbox SET sent_at = ?2 WHERE id = ?1")?;
                 for id in ids {
@@ -568,6 +572,7 @@ fn apply_change(
             .execute(params![m.topic, m.payload, m.retain, m.expiry_s, now])?;
             outbox.push((tx.last_insert_rowid(), m.clone()));
         }
+        Change::Delivery(d) => deliveries::insert(tx, d, now)?,
     }
     Ok(())
 }
