@@ -136,7 +136,10 @@ pub fn run(args: NotificationsArgs, json_out: bool) -> anyhow::Result<()> {
         return match retry(&db, id)? {
             Redrive::Redriven { later_delivered } => {
                 if json_out {
-                    println!("{}", json!({"id": id, "redriven": true, "later_delivered": later_delivered}));
+                    println!(
+                        "{}",
+                        json!({"id": id, "redriven": true, "later_delivered": later_delivered})
+                    );
                 } else {
                     println!("{id} re-driven: pending, attempted at the daemon's next rescan");
                 }

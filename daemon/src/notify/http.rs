@@ -41,15 +41,16 @@ impl Endpoint {
             }
             _ => return Err(format!("{url:?}: must start with http://")),
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url:?}: no host"))?;
+        let authority = uri.authority().ok_or_else(|| format!("{url:?}: no host"))?;
         if authority.as_str().contains('@') {
             return Err(format!(
                 "{url:?}: credentials in the URL are not supported; use notifications.webhook.headers"
             ));
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));
         }
@@ -159,10 +160,7 @@ async fn exchange(
         .uri(ep.path.as_str())
         .header(HOST, ep.authority.as_str())
         .header(CONTENT_TYPE, "application/json")
-        .header(
-            USER_AGENT,
-            concat!("pickupd/", env!("CARGO_PKG_VERSION")),
-        );
+        .header(USER_AGENT, concat!("pickupd/", env!("CARGO_PKG_VERSION")));
     for (k, v) in headers {
         req = req.header(k, v);
     }
@@ -214,7 +212,9 @@ mod tests {
         assert_eq!(e.host, "::1");
         assert!(Endpoint::parse("https://x/").unwrap_err().contains("https"));
         assert!(Endpoint::parse("ftp://x/").unwrap_err().contains("http://"));
-        assert!(Endpoint::parse("http://u:p@x/").unwrap_err().contains("headers"));
+        assert!(Endpoint::parse("http://u:p@x/")
+            .unwrap_err()
+            .contains("headers"));
         assert!(Endpoint::parse("not a url").is_err());
     }
 }

@@ -145,9 +145,8 @@ impl WebhookConfig {
             .map(|(k, v)| {
                 let name = HeaderName::from_bytes(k.as_bytes())
                     .map_err(|_| invalid(&format!("headers.{k}"), "not a valid header name"))?;
-                let value = HeaderValue::from_str(v).map_err(|_| {
-                    invalid(&format!("headers.{k}"), "not a valid header value")
-                })?;
+                let value = HeaderValue::from_str(v)
+                    .map_err(|_| invalid(&format!("headers.{k}"), "not a valid header value"))?;
                 Ok((name, value))
             })
             .collect()
@@ -285,7 +284,9 @@ impl Queue {
     }
 
     /// Only the oldest row of each call is considered; it is ready when it is due and not
-    /// already in flight.
+    /// already in flight. Ready rows come longest-waiting first, so that while the breaker
+    /// lets only a probe through, the probes rotate over the calls instead of spending one
+    /// row's attempts.
     fn plan(&self, now: Millis, max_age_ms: Millis) -> Plan {
         let mut plan = Plan::default();
         let mut heads: HashSet<&str> = HashSet::new();
@@ -304,6 +305,8 @@ impl Queue {
                 );
             }
         }
+        plan.ready
+            .sort_by_key(|seq| (self.items[seq].next_attempt_at, *seq));
         plan
     }
 
@@ -330,8 +333,8 @@ pub fn start<R: Send + 'static>(
     if !cfg.enabled() {
         return Ok(None);
     }
-    let endpoint = Endpoint::parse(&cfg.url)
-        .map_err(|e| anyhow::anyhow!("notifications.webhook.url: {e}"))?;
+    let endpoint =
+        Endpoint::parse(&cfg.url).map_err(|e| anyhow::anyhow!("notifications.webhook.url: {e}"))?;
     let headers = cfg.header_list()?;
     let reader = Reader::open(db)?;
     tracing::info!(url = %endpoint, "notification webhook on");
@@ -652,7 +655,9 @@ mod tests {
     fn backoff_grows_with_jitter_and_is_capped() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for attempts in 1..=40u32 {
-            let full = 100u64.saturating_mul(1 << (attempts - 1).min(32)).min(10_000);
+            let full = 100u64
+                .saturating_mul(1 << (attempts - 1).min(32))
+                .min(10_000);
             for _ in 0..50 {
                 let d = backoff_ms(attempts, 100, 10_000, &mut rng);
                 assert!(d >= full / 2 && d <= full, "attempt {attempts}: {d}");
@@ -673,7 +678,13 @@ mod tests {
         assert_eq!(classify(a(200, "")), Outcome::Delivered);
         assert_eq!(classify(a(204, "")), Outcome::Delivered);
         for s in [408, 429, 500, 502, 503] {
-            assert!(matches!(classify(a(s, "x")), Outcome::Retry { retry_after_s: Some(3), .. }));
+            assert!(matches!(
+                classify(a(s, "x")),
+                Outcome::Retry {
+                    retry_after_s: Some(3),
+                    ..
+                }
+            ));
         }
         assert_eq!(
             classify(a(400, "bad tel")),
@@ -696,14 +707,14 @@ mod tests {
             row(4, "c-1", "c", 0),
         ]);
         let p = q.plan(200, 0);
-        assert_eq!(p.ready, vec![1, 4]);
+        assert_eq!(p.ready, vec![4, 1], "longest waiting first");
         assert_eq!(p.next_due, Some(500));
         // In flight: its call is blocked, the others go on.
         q.items.get_mut(&1).unwrap().in_flight = true;
         assert_eq!(q.plan(200, 0).ready, vec![4]);
         // Finished (delivered or dead): the next of the call becomes its head.
         q.finish(1);
-        assert_eq!(q.plan(600, 0).ready, vec![2, 3, 4]);
+        assert_eq!(q.plan(600, 0).ready, vec![3, 4, 2]);
         // Too old: expired instead of attempted.
         let p = q.plan(1_000 + 60_000, 60_000);
         assert_eq!(p.expired, vec![2, 3, 4]);

@@ -180,9 +180,8 @@ pub fn list(conn: &Connection, state: Option<State>, limit: u32) -> rusqlite::Re
 
 /// Counts per state (status lines, tests).
 pub fn counts(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
-    let mut st = conn.prepare(
-        "SELECT state, count(*) FROM deliveries GROUP BY state ORDER BY state",
-    )?;
+    let mut st =
+        conn.prepare("SELECT state, count(*) FROM deliveries GROUP BY state ORDER BY state")?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
@@ -237,4 +236,224 @@ pub fn redrive(conn: &mut Connection, id: &str, now: Millis) -> rusqlite::Result
     )?;
     tx.commit()?;
     Ok(Redrive::Redriven { later_delivered })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{Change, DispatchConfig, Dispatcher, NewCall};
+    use crate::store::{open, Op, WriteJob, Writer};
+    use pickup_protocol::{CreateCall, Location, Parcel, ParcelClass, Topics};
+    use tokio::sync::mpsc;
+
+    fn create(d: &mut Dispatcher, id: &str, request_id: &str) -> Vec<Change> {
+        d.create_call(
+            NewCall {
+                id: id.into(),
+                pickup_code: "1234".into(),
+                req: CreateCall {
+                    request_id: request_id.into(),
+                    tel: "010-1234-5678".into(),
+                    location: Location {
+                        lat: 37.5,
+                        lon: 127.0,
+                        label: None,
+                    },
+                    parcel: Parcel {
+                        class: ParcelClass::Light,
+                        weight_kg: None,
+                        weight_source: None,
+                    },
+                    kiosk_id: None,
+                    scale_id: None,
+                    destination: None,
+                },
+                price: None,
+                class_corrected: None,
+                correlation: None,
+            },
+            1_000,
+        )
+        .changes
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_commit_with_their_outbox_row_and_change_state_through_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        let conn = open(&path).unwrap();
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let (w, handle) = Writer::<u32>::spawn(conn, path.clone(), 64, 32, ctx, ftx).unwrap();
+        let mut d = Dispatcher::new(
+            DispatchConfig {
+                webhook: true,
+                ..DispatchConfig::default()
+            },
+            Topics::new("t").unwrap(),
+        );
+        let mut changes = create(&mut d, "c1", "r1");
+        // The same delivery twice is stored once.
+        let again: Vec<Change> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Delivery(_)))
+            .cloned()
+            .collect();
+        assert_eq!(again.len(), 1);
+        changes.extend(again);
+        w.send(WriteJob {
+            op: Op::Apply(changes),
+            after: Some(1),
+        })
+        .await
+        .unwrap();
+        crx.recv().await.unwrap();
+        let r = crate::store::Reader::open(&path).unwrap();
+        let rows = pending(r.conn(), WEBHOOK, 0).unwrap();
+        assert_eq!(rows.len(), 1);
+        let row = rows[0].clone();
+        assert_eq!((row.id.as_str(), row.call_id.as_str()), ("c1-1", "c1"));
+        assert_eq!(
+            (row.state, row.attempts, row.next_attempt_at),
+            (State::Pending, 0, row.created_at)
+        );
+        let outbox: Vec<u8> = r
+            .conn()
+            .query_row(
+                "SELECT payload FROM outbox WHERE topic LIKE '%/notifications'",
+                [],
+                |x| x.get(0),
+            )
+            .unwrap();
+        assert_eq!(outbox, row.payload, "both sinks get the same bytes");
+        assert!(pending(r.conn(), WEBHOOK, row.seq).unwrap().is_empty());
+
+        // Dead, with the reason; listed as failed.
+        let dead = Update {
+            sink: WEBHOOK.into(),
+            id: "c1-1".into(),
+            redrives: 0,
+            state: State::Dead,
+            attempts: 3,
+            next_attempt_at: 5,
+            last_error: Some("gave up after 3 attempts: HTTP 500".into()),
+        };
+        w.send(WriteJob {
+            op: Op::Delivery(dead.clone()),
+            after: Some(2),
+        })
+        .await
+        .unwrap();
+        crx.recv().await.unwrap();
+        let failed = list(r.conn(), Some(State::Dead), 10).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(
+            failed[0].last_error.as_deref(),
+            Some("gave up after 3 attempts: HTTP 500")
+        );
+        assert!(list(r.conn(), Some(State::Delivered), 10)
+            .unwrap()
+            .is_empty());
+
+        // Re-drive from a second connection while the writer runs.
+        let mut op = Connection::open(&path).unwrap();
+        op.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            redrive(&mut op, "c1-1", 9_000).unwrap(),
+            Redrive::Redriven { later_delivered: 0 }
+        );
+        assert_eq!(
+            redrive(&mut op, "c1-1", 9_000).unwrap(),
+            Redrive::NotDead(State::Pending)
+        );
+        assert_eq!(redrive(&mut op, "nope", 9_000).unwrap(), Redrive::NotFound);
+        // A rescan past its seq still finds it; attempts start over.
+        let back = pending(r.conn(), WEBHOOK, row.seq).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            (back[0].attempts, back[0].redrives, back[0].next_attempt_at),
+            (0, 1, 9_000)
+        );
+        assert!(back[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("re-driven by operator"));
+        // An update decided before the re-drive is dropped; one after it applies.
+        w.send(WriteJob {
+            op: Op::Delivery(dead.clone()),
+            after: Some(3),
+        })
+        .await
+        .unwrap();
+        crx.recv().await.unwrap();
+        assert_eq!(pending(r.conn(), WEBHOOK, 0).unwrap().len(), 1);
+        w.send(WriteJob {
+            op: Op::Delivery(Update {
+                redrives: 1,
+                state: State::Delivered,
+                attempts: 1,
+                ..dead
+            }),
+            after: Some(4),
+        })
+        .await
+        .unwrap();
+        crx.recv().await.unwrap();
+        assert!(pending(r.conn(), WEBHOOK, 0).unwrap().is_empty());
+        assert_eq!(
+            redrive(&mut op, "c1-1", 9_500).unwrap(),
+            Redrive::NotDead(State::Delivered)
+        );
+        assert_eq!(
+            counts(r.conn()).unwrap(),
+            vec![("delivered".to_string(), 1)]
+        );
+
+        // A transaction that fails leaves neither the outbox row nor the delivery.
+        // Request id r1 belongs to c1: the call row, written last here, breaks the commit
+        // after the outbox row and the delivery were inserted.
+        let mut bad = create(
+            &mut Dispatcher::new(
+                DispatchConfig {
+                    webhook: true,
+                    ..DispatchConfig::default()
+                },
+                Topics::new("t").unwrap(),
+            ),
+            "c2",
+            "r1",
+        );
+        let at = bad
+            .iter()
+            .position(|c| matches!(c, Change::Call(_)))
+            .unwrap();
+        let call = bad.remove(at);
+        assert!(bad.iter().any(|c| matches!(c, Change::Delivery(_))));
+        bad.push(call);
+        w.send(WriteJob {
+            op: Op::Apply(bad),
+            after: Some(5),
+        })
+        .await
+        .unwrap();
+        assert!(frx.recv().await.is_some());
+        handle.join().unwrap();
+        let c = Connection::open(&path).unwrap();
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM deliveries WHERE call_id = 'c2'"),
+            0
+        );
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM outbox WHERE payload LIKE '%c2-1%'"
+            ),
+            0
+        );
+    }
 }
