@@ -1,6 +1,7 @@
 //! `pickupctl`: the kiosk/operator command line. Every command is a plain MQTT client of
 //! the documented contract (request/response with a stable reply topic), so it also shows
-//! integrators what a kiosk does.
+//! integrators what a kiosk does — except `notifications`, an operator command on the
+//! database file (`crate::notify::ctl`).
 
 use std::time::Duration;
 
