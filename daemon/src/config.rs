@@ -265,6 +265,8 @@ impl MetricsConfig {
 pub struct NotificationsConfig {
     /// Texts.
     pub templates: Templates,
+    /// The optional HTTP sink.
+    pub webhook: crate::notify::webhook::WebhookConfig,
 }
 
 impl Config {
@@ -398,6 +400,7 @@ impl Config {
         self.tariff.validate("tariff").map_err(ConfigError::Load)?;
         crate::scale::validate_scales(&self.scales)
             .map_err(|e| ConfigError::Load(e.to_string()))?;
+        self.notifications.webhook.validate()?;
         Ok(())
     }
 
@@ -417,6 +420,7 @@ impl Config {
             keep_terminal_ms: ms(d.keep_terminal_s),
             use_index: true,
             templates: self.notifications.templates.clone(),
+            webhook: self.notifications.webhook.enabled(),
         }
     }
 
@@ -448,6 +452,9 @@ impl Config {
             || self.limits.read_queue != new.limits.read_queue
         {
             v.push("limits.inbound_queue/limits.read_queue");
+        }
+        if self.notifications.webhook != new.notifications.webhook {
+            v.push("notifications.webhook");
         }
         v
     }

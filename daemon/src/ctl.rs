@@ -1,6 +1,7 @@
 //! `pickupctl`: the kiosk/operator command line. Every command is a plain MQTT client of
 //! the documented contract (request/response with a stable reply topic), so it also shows
-//! integrators what a kiosk does.
+//! integrators what a kiosk does — except `notifications`, an operator command on the
+//! database file (`crate::notify::ctl`).
 
 use std::time::Duration;
 
@@ -108,6 +109,9 @@ pub enum Command {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
     },
+    /// List customer notification deliveries to the webhook; re-drive a dead one.
+    /// Works on the database file (run it on the box as the daemon's user).
+    Notifications(crate::notify::ctl::NotificationsArgs),
     /// Print call state changes as they happen (retained state topics).
     Watch {
         /// Only this call.
@@ -306,6 +310,7 @@ pub async fn run(c: Common, cmd: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Notifications(args) => crate::notify::ctl::run(args, c.json),
         Command::Watch { call_id, count } => {
             let topics = Topics::new(&c.site)?;
             let filter = match &call_id {

@@ -10,6 +10,8 @@
 //! - [`scale`]: weighing scales over Modbus, and the parcel class they decide;
 //! - [`tariff`]: prices by class and distance;
 //! - [`breaker`]: the one circuit breaker type (admission, scale, notification relay);
+//! - [`notify`]: customer notification sinks beyond MQTT (the HTTP webhook) and their
+//!   operator view;
 //! - [`ctl`]: what `pickupctl` does;
 //! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
 //! - [`logging`]: log setup;
@@ -25,6 +27,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod scale;
 pub mod security;
 pub mod store;

@@ -5,6 +5,7 @@ mod bad_input;
 mod couriers;
 mod dispatch;
 mod external;
+mod notifications;
 mod overload;
 mod recovery;
 mod scale;

@@ -244,11 +244,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     )?;
     let writer_stats = writer.stats.clone();
     let (pub_tx, pub_rx) = mpsc::unbounded_channel::<PubIn>();
+    // Woken after commits holding notifications (the webhook sink reads its queue then).
+    let notified = Arc::new(tokio::sync::Notify::new());
     {
         // Commits reach the publisher through the same ordered channel as everything else.
         let pub_tx = pub_tx.clone();
+        let (notified, topic) = (notified.clone(), topics.notifications());
         tokio::spawn(async move {
             while let Some(c) = committed_rx.recv().await {
+                if c.outbox.iter().any(|(_, m)| m.topic == topic) {
+                    notified.notify_one();
+                }
                 if pub_tx.send(PubIn::Committed(c)).is_err() {
                     break;
                 }
@@ -293,6 +299,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_for_scales = stop_rx.clone();
+    crate::notify::webhook::start(
+        &cfg.notifications.webhook,
+        &cfg.site,
+        &path,
+        writer.clone(),
+        notified,
+        stop_rx.clone(),
+    )?;
     let inbound = tokio::spawn(inbound::run(
         events,
         InboundCtx {

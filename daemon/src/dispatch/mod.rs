@@ -15,8 +15,8 @@ pub mod saga;
 pub use call::{Call, Offer};
 pub use courier::Courier;
 pub use saga::{
-    CancelledBy, Change, Decision, DispatchConfig, Dispatcher, EventRow, Mode, NewCall, OutMsg,
-    ReplyBody,
+    CancelledBy, Change, Decision, Delivery, DispatchConfig, Dispatcher, EventRow, Mode, NewCall,
+    OutMsg, ReplyBody,
 };
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub struct DispatchConfig {
     pub use_index: bool,
     /// Notification texts.
     pub templates: Templates,
+    /// Also queue every notification for the HTTP webhook sink ([`Change::Delivery`]).
+    /// Fixed at start: the webhook task runs only when it is configured then.
+    pub webhook: bool,
 }
 
 impl Default for DispatchConfig {
@@ -70,6 +73,7 @@ impl Default for DispatchConfig {
             keep_terminal_ms: 10 * 60_000,
             use_index: true,
             templates: Templates::default(),
+            webhook: false,
         }
     }
 }
@@ -85,6 +89,23 @@ pub struct OutMsg {
     pub retain: bool,
     /// MQTT 5 message expiry, seconds.
     pub expiry_s: Option<u32>,
+}
+
+/// Sink name of the HTTP webhook in [`Delivery::sink`].
+pub const WEBHOOK_SINK: &str = "webhook";
+
+/// A notification queued for a sink other than the MQTT topic (the HTTP webhook); written
+/// in the same transaction as its outbox row, so both sinks get the same notifications.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Notification id (the receiver's dedup key).
+    pub id: String,
+    /// The call concerned: deliveries of one call keep their order.
+    pub call_id: String,
+    /// Sink name (`webhook`).
+    pub sink: String,
+    /// The notification JSON, as published on MQTT.
+    pub payload: Vec<u8>,
 }
 
 /// An audit-trail row.
@@ -135,6 +156,8 @@ pub enum Change {
     },
     /// Queue a message for publishing.
     Outbox(OutMsg),
+    /// Queue a notification for a non-MQTT sink.
+    Delivery(Delivery),
 }
 
 /// The answer for the requester, sent after commit.
@@ -258,8 +281,10 @@ impl Dispatcher {
         }
     }
 
-    /// Replaces the settings (SIGHUP); takes effect at the next decision.
-    pub fn set_config(&mut self, cfg: DispatchConfig) {
+    /// Replaces the settings (SIGHUP); takes effect at the next decision. The webhook
+    /// switch stays as it was at start (the sink's task runs only then).
+    pub fn set_config(&mut self, mut cfg: DispatchConfig) {
+        cfg.webhook = self.cfg.webhook;
         self.cfg = cfg;
         self.rematch = true;
     }
@@ -408,12 +433,29 @@ impl Dispatcher {
             vars,
             at: now,
         };
+        let payload = serde_json::to_vec(&n).unwrap_or_default();
+        if self.cfg.webhook {
+            d.changes.push(Change::Delivery(Delivery {
+                id: n.id.clone(),
+                call_id: n.call_id.clone(),
+                sink: WEBHOOK_SINK.into(),
+                payload: payload.clone(),
+            }));
+        }
         d.changes.push(Change::Outbox(OutMsg {
             topic: self.topics.notifications(),
-            payload: serde_json::to_vec(&n).unwrap_or_default(),
+            payload,
             retain: false,
             expiry_s: None,
         }));
+    }
+
+    /// A courier's display name for the customer (the id when it gave none).
+    fn courier_name(&self, cid: &str) -> String {
+        self.couriers
+            .get(cid)
+            .and_then(|c| c.name.clone())
+            .unwrap_or_else(|| cid.to_string())
     }
 
     fn put_call(&self, d: &mut Decision, id: &str) {
@@ -898,14 +940,8 @@ impl Dispatcher {
                     json!({}),
                 );
                 let mut vars = serde_json::Map::new();
-                vars.insert(
-                    "courier_name".into(),
-                    self.couriers
-                        .get(cid)
-                        .and_then(|c| c.name.clone())
-                        .unwrap_or_else(|| cid.to_string())
-                        .into(),
-                );
+                vars.insert("courier_id".into(), cid.into());
+                vars.insert("courier_name".into(), self.courier_name(cid).into());
                 self.notify(&mut d, &call_id, "call.picked_up", vars, at);
                 d
             }
@@ -963,13 +999,10 @@ impl Dispatcher {
                     None,
                     json!({}),
                 );
-                self.notify(
-                    &mut d,
-                    &call_id,
-                    "call.completed",
-                    serde_json::Map::new(),
-                    at,
-                );
+                let mut vars = serde_json::Map::new();
+                vars.insert("courier_id".into(), cid.into());
+                vars.insert("courier_name".into(), self.courier_name(cid).into());
+                self.notify(&mut d, &call_id, "call.completed", vars, at);
                 d
             }
         };
@@ -1061,10 +1094,15 @@ impl Dispatcher {
         vars.insert("courier_id".into(), cid.into());
         vars.insert("vehicle".into(), brief.vehicle.as_str().into());
         vars.insert(
+            "vehicle_name".into(),
+            self.cfg.templates.vehicle_name(brief.vehicle).into(),
+        );
+        vars.insert(
             "courier_tel".into(),
             brief.tel.clone().unwrap_or_default().into(),
         );
         vars.insert("distance_m".into(), json!(brief.distance_m));
+        vars.insert("eta_s".into(), json!(eta_s));
         vars.insert("eta_min".into(), json!(eta_s.div_ceil(60)));
         self.notify(d, call_id, "call.assigned", vars, now);
     }
@@ -1230,7 +1268,16 @@ impl Dispatcher {
             }
             self.put_call(&mut d, &id);
             self.event(&mut d, Some(&id), None, "failed", now, now, None, json!({}));
-            self.notify(&mut d, &id, "call.failed", serde_json::Map::new(), now);
+            let mut vars = serde_json::Map::new();
+            vars.insert(
+                "reason".into(),
+                self.calls
+                    .get(&id)
+                    .and_then(|c| c.reason.clone())
+                    .unwrap_or_default()
+                    .into(),
+            );
+            self.notify(&mut d, &id, "call.failed", vars, now);
         }
         for id in graced {
             let Some(cid) = self

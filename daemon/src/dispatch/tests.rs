@@ -446,3 +446,121 @@ fn stale_location_is_not_eligible() {
     create(&mut d, "c1", ParcelClass::Light, later);
     assert_eq!(status(&d, "c1"), CallStatus::Dispatching);
 }
+
+/// Notifications in a decision, parsed, each with whether a webhook delivery carries the
+/// same bytes.
+fn notifications(dec: &Decision) -> Vec<(pickup_protocol::Notification, bool)> {
+    dec.changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Outbox(m) if m.topic.ends_with("/notifications") => {
+                let n: pickup_protocol::Notification = serde_json::from_slice(&m.payload).unwrap();
+                let queued = dec.changes.iter().any(|c| {
+                    matches!(c, Change::Delivery(dl) if dl.payload == m.payload && dl.id == n.id
+                        && dl.call_id == n.call_id && dl.sink == super::saga::WEBHOOK_SINK)
+                });
+                Some((n, queued))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_customer_event_notifies_with_the_documented_vars_in_order() {
+    let mut d = Dispatcher::new(
+        DispatchConfig {
+            webhook: true,
+            ..cfg(Mode::Auto)
+        },
+        Topics::new("t").unwrap(),
+    );
+    let mut all = Vec::new();
+    online(&mut d, "k1", Vehicle::Scooter, 37.501, 127.0, T0);
+    all.extend(notifications(&create(&mut d, "c1", ParcelClass::Light, T0)));
+    // c2 waits (the only courier is busy) and is cancelled; c3 waits until its deadline.
+    all.extend(notifications(&create(
+        &mut d,
+        "c2",
+        ParcelClass::Light,
+        T0 + 1,
+    )));
+    all.extend(notifications(&d.cancel_call(
+        "c2",
+        None,
+        CancelledBy::Customer,
+        None,
+        T0 + 2,
+    )));
+    all.extend(notifications(&create(
+        &mut d,
+        "c3",
+        ParcelClass::Heavy,
+        T0 + 3,
+    )));
+    let mut r = reply("c1", JobAction::PickedUp);
+    r.pickup_code = Some("4321".into());
+    all.extend(notifications(&d.job_reply("k1", r, T0 + 4)));
+    all.extend(notifications(&d.job_reply(
+        "k1",
+        reply("c1", JobAction::Completed),
+        T0 + 5,
+    )));
+    all.extend(notifications(&d.tick(T0 + 3 + 60_000)));
+
+    let got: Vec<(String, String)> = all
+        .iter()
+        .map(|(n, _)| (n.id.clone(), n.template.clone()))
+        .collect();
+    let want = [
+        ("c1-1", "call.accepted"),
+        ("c1-2", "call.assigned"),
+        ("c2-1", "call.accepted"),
+        ("c2-2", "call.cancelled"),
+        ("c3-1", "call.accepted"),
+        ("c1-3", "call.picked_up"),
+        ("c1-4", "call.completed"),
+        ("c3-2", "call.failed"),
+    ];
+    assert_eq!(
+        got,
+        want.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    );
+    for (n, queued) in &all {
+        assert!(queued, "{} has no webhook delivery", n.id);
+        assert_eq!(n.tel, "010-1234-5678", "full number on the relay channel");
+        assert!(!n.text.contains('{'), "{}: {}", n.id, n.text);
+        let (_, names) = super::notice::VARS
+            .iter()
+            .find(|(k, _)| *k == n.template)
+            .unwrap();
+        let mut want: Vec<&str> = names.to_vec();
+        want.push("call_id");
+        want.sort_unstable();
+        let mut have: Vec<&str> = n.vars.keys().map(String::as_str).collect();
+        have.sort_unstable();
+        assert_eq!(have, want, "{} vars", n.id);
+    }
+    let assigned = &all[1].0;
+    assert_eq!(assigned.vars["courier_tel"], "010-****-0000");
+    assert_eq!(assigned.vars["vehicle"], "scooter");
+    assert_eq!(assigned.vars["vehicle_name"], "오토바이");
+    assert!(assigned.vars["eta_min"].as_u64().unwrap() >= 1);
+    assert_eq!(all[3].0.vars["by"], "customer");
+    assert_eq!(all[0].0.vars["pickup_code"], "4321");
+
+    // Without the webhook only the MQTT outbox row is written.
+    let mut d = disp(Mode::Auto);
+    let dec = create(&mut d, "c9", ParcelClass::Light, T0);
+    let n = notifications(&dec);
+    assert_eq!(n.len(), 1);
+    assert!(!n[0].1);
+    // And a reload does not switch the webhook on behind the sink's back.
+    d.set_config(DispatchConfig {
+        webhook: true,
+        ..cfg(Mode::Auto)
+    });
+    assert!(!d.config().webhook);
+}

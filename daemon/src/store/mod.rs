@@ -7,6 +7,7 @@
 //! "accepted" answer went out survives a power cut. Throughput comes from group commit:
 //! every job waiting in the queue joins one transaction and one fsync.
 
+pub mod deliveries;
 mod schema;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -284,6 +285,8 @@ pub enum Op {
         /// Topics of the site.
         topics: pickup_protocol::Topics,
     },
+    /// A notification sink's decision about one delivery (delivered, retry later, dead).
+    Delivery(deliveries::Update),
 }
 
 /// A job in the writer's queue: work, and what to hand on once it is committed.
@@ -476,6 +479,8 @@ fn apply_batch<R>(
                         .execute([id])?;
                     tx.prepare_cached("DELETE FROM courier_replies WHERE call_id = ?1")?
                         .execute([id])?;
+                    tx.prepare_cached("DELETE FROM deliveries WHERE call_id = ?1")?
+                        .execute([id])?;
                     tx.prepare_cached("DELETE FROM assignments WHERE call_id = ?1")?
                         .execute([id])?;
                     tx.prepare_cached("DELETE FROM calls WHERE id = ?1")?
@@ -495,6 +500,7 @@ fn apply_batch<R>(
                     tracing::info!(calls = ids.len(), "retention: pruned finished calls");
                 }
             }
+            Op::Delivery(u) => deliveries::update(&tx, u, now)?,
             Op::MarkSent(ids) => {
                 let mut st = tx.prepare_cached("UPDATE outbox SET sent_at = ?2 WHERE id = ?1")?;
                 for id in ids {
@@ -626,6 +632,7 @@ fn apply_change(
             .execute(params![m.topic, m.payload, m.retain, m.expiry_s, now])?;
             outbox.push((tx.last_insert_rowid(), m.clone()));
         }
+        Change::Delivery(d) => deliveries::insert(tx, d, now)?,
     }
     Ok(())
 }

@@ -78,4 +78,26 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (courier_id, reply_id)
     ) STRICT;
     "#,
+    // 2: customer notification deliveries to sinks other than MQTT (the HTTP webhook).
+    // A row is written in the same transaction as the notification's outbox row; `seq`
+    // is that order, which is also the order per call the sink must keep.
+    r#"
+    CREATE TABLE deliveries (
+        seq             INTEGER PRIMARY KEY,
+        id              TEXT NOT NULL,     -- notification id: the receiver's dedup key
+        call_id         TEXT NOT NULL,
+        sink            TEXT NOT NULL,     -- 'webhook'
+        payload         BLOB NOT NULL,     -- notification JSON, sent as is
+        state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,  -- unix ms; survives restarts
+        last_error      TEXT,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        redrives        INTEGER NOT NULL DEFAULT 0,  -- operator re-drives of a dead row
+        UNIQUE (sink, id)
+    ) STRICT;
+    CREATE INDEX deliveries_pending ON deliveries(sink, seq) WHERE state = 'pending';
+    CREATE INDEX deliveries_state ON deliveries(state, updated_at);
+    "#,
 ];
