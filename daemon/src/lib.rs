@@ -16,7 +16,7 @@
 //! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
 //! - [`logging`]: log setup;
 //! - [`metrics`]: the optional Prometheus endpoint;
-//! - [`systemd`]: readiness, status, watchdog (sd_notify).
+//! - [`systemd`]: readiness, status, watchdog (sd_notify);
 //! - [`security`]: the device registry, broker authentication, Mosquitto ACL generation.
 
 pub mod app;
