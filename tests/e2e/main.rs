@@ -5,5 +5,6 @@ mod bad_input;
 mod couriers;
 mod dispatch;
 mod external;
+mod faults;
 mod overload;
 mod recovery;

@@ -365,6 +365,8 @@ pub struct Mosquitto {
     child: Child,
     /// Its address.
     pub addr: SocketAddr,
+    /// Its config file, kept for [`Mosquitto::restart`].
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -389,7 +391,6 @@ pub fn require(program: &str, package: &str) -> PathBuf {
 impl Mosquitto {
     /// Starts it (anonymous, no persistence, nodelay) and waits until it accepts TCP.
     pub fn start() -> Self {
-        let bin = require("mosquitto", "mosquitto");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -400,24 +401,44 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Self::spawn(&conf, addr);
+        Self {
+            child,
+            addr,
+            conf,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(conf: &Path, addr: SocketAddr) -> Child {
+        let bin = require("mosquitto", "mosquitto");
         let child = Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto starts");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let end = Instant::now() + DEADLINE;
         while TcpStream::connect(addr).is_err() {
             assert!(Instant::now() < end, "mosquitto did not start listening");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Self {
-            child,
-            addr,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// SIGKILL: the broker vanishes without a goodbye, and with persistence off its
+    /// sessions, queued messages and retained messages go with it (a broker crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same settings (after [`Mosquitto::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.conf, self.addr);
     }
 }
 
