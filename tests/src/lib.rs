@@ -391,13 +391,33 @@ pub fn require(program: &str, package: &str) -> PathBuf {
 impl Mosquitto {
     /// Starts it (anonymous, no persistence, nodelay) and waits until it accepts TCP.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Like [`Mosquitto::start`], with persistence on as Debian ships it: a graceful
+    /// stop saves sessions, queued and retained messages, and a restart brings them back.
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            // `user root`: started as root, Mosquitto would switch to its own user,
+            // which cannot write into the test's private temp dir (no effect otherwise).
+            format!(
+                "persistence true\npersistence_location {}/\nuser root\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nmax_queued_messages 100000\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}set_tcp_nodelay true\nmax_queued_messages 100000\n"
             ),
         )
         .unwrap();
@@ -435,7 +455,17 @@ impl Mosquitto {
         let _ = self.child.wait();
     }
 
-    /// Starts it again on the same port with the same settings (after [`Mosquitto::kill`]).
+    /// SIGTERM and wait: a graceful stop (a persistent broker saves its state).
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same settings (after
+    /// [`Mosquitto::kill`] or [`Mosquitto::terminate`]; kills it first if still running).
     pub fn restart(&mut self) {
         self.kill();
         self.child = Self::spawn(&self.conf, self.addr);
