@@ -875,6 +875,10 @@ async fn daemon_killed_at_random_moments() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(f.losses, 0);
+    assert_eq!(
+        f.unsent_rows, 0,
+        "outbox rows never acknowledged by a healthy broker"
+    );
     assert!(f.accepted > 0 && f.completed > 0 && f.failed > 0, "{f:?}");
 }
 
@@ -979,6 +983,10 @@ async fn broker_restarts(name: &str, persistent: bool) {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(f.losses, 0);
+    assert_eq!(
+        f.unsent_rows, 0,
+        "outbox rows never acknowledged by a healthy broker"
+    );
     assert!(f.accepted > 0 && f.completed > 0, "{f:?}");
 }
 
