@@ -78,6 +78,9 @@ pub struct BrokerConfig {
     /// and `users` are set, a client must pass both. Not part of the config file.
     #[serde(skip)]
     pub auth_hook: Option<AuthHook>,
+    /// Optional TLS listener (`[broker.tls]`) in front of the MQTT 3.1.1 listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for BrokerConfig {
@@ -96,6 +99,7 @@ impl Default for BrokerConfig {
             users: BTreeMap::new(),
             tcp_nodelay: true,
             auth_hook: None,
+            tls: None,
         }
     }
 }
@@ -117,6 +121,7 @@ impl fmt::Debug for BrokerConfig {
             .field("users", &self.users.keys().collect::<Vec<_>>())
             .field("tcp_nodelay", &self.tcp_nodelay)
             .field("auth_hook", &self.auth_hook.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -200,6 +205,9 @@ impl BrokerConfig {
         }
         if self.max_outgoing_packets == 0 {
             return Err(bad("max_outgoing_packets", "must be at least 1"));
+        }
+        if let Some(t) = &self.tls {
+            t.validate()?;
         }
         for user in self.users.keys() {
             if user.is_empty() {

@@ -20,6 +20,7 @@ mod auth;
 pub mod config;
 pub mod nodelay;
 pub mod probe;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,6 +42,7 @@ use tokio::sync::oneshot;
 
 pub use config::{AuthHook, BrokerConfig, SegmentSizing};
 pub use probe::{ListenerFailure, ProbeError, Prober};
+pub use tls::TlsSettings;
 
 /// One of the broker's listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -162,6 +164,8 @@ pub struct Broker {
     prober: Prober,
     /// Whether to set TCP_NODELAY on (re)started listeners.
     tcp_nodelay: bool,
+    /// The TLS listener, when configured.
+    tls: Option<tls::TlsFront>,
 }
 
 impl fmt::Debug for Broker {
@@ -225,12 +229,17 @@ impl Broker {
                 nonce: Arc::from(nonce),
             },
             tcp_nodelay: cfg.tcp_nodelay,
+            tls: None,
         };
         for (listener, addr) in wanted {
             // On error `broker` drops here and stops the listeners already running.
             let running = broker.start_listener(listener, addr, &connections)?;
             broker.prober.listeners.push((listener, running.addr));
             broker.listeners.push(running);
+        }
+        if let Some(t) = &cfg.tls {
+            let upstream = probe::reachable(broker.v4_addr());
+            broker.tls = Some(tls::TlsFront::start(t, upstream, cfg.max_connections)?);
         }
         tracing::info!(
             v4 = %broker.v4_addr(),
@@ -261,6 +270,11 @@ impl Broker {
             .iter()
             .find(|(l, _)| *l == which)
             .map(|(_, a)| *a)
+    }
+
+    /// The TLS listener's address, when configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.addr)
     }
 
     /// `mqtt://host:port` of the MQTT 3.1.1 listener for a client in this process or on this
@@ -325,6 +339,9 @@ impl Broker {
     }
 
     fn stop_all(&mut self) {
+        if let Some(mut t) = self.tls.take() {
+            t.stop();
+        }
         for l in self.listeners.iter_mut() {
             l.stop();
         }

@@ -68,6 +68,8 @@ pub struct Config {
     pub tariff: crate::tariff::Tariff,
     /// Weighing scales (`[[scales]]`), none by default.
     pub scales: Vec<crate::scale::ScaleConfig>,
+    /// Device identities, anonymous access, TLS trust.
+    pub security: crate::security::SecurityConfig,
 }
 
 impl Default for Config {
@@ -85,6 +87,7 @@ impl Default for Config {
             notifications: NotificationsConfig::default(),
             tariff: crate::tariff::Tariff::default(),
             scales: Vec::new(),
+            security: crate::security::SecurityConfig::default(),
         }
     }
 }
@@ -334,9 +337,10 @@ impl Config {
             return Err(invalid("store.max_batch", "must be at least 1"));
         }
         if !self.mqtt.url.is_empty() {
-            pickup_protocol::client::BrokerUrl::parse(&self.mqtt.url)
+            pickup_protocol::client::Endpoint::parse(&self.mqtt.url)
                 .map_err(|e| invalid("mqtt.url", e.to_string()))?;
         }
+        self.security.validate(self)?;
         if !matches!(self.mqtt.version, 4 | 5) {
             return Err(invalid("mqtt.version", "must be 4 (MQTT 3.1.1) or 5"));
         }
@@ -436,6 +440,9 @@ impl Config {
         }
         if self.metrics.listen != new.metrics.listen {
             v.push("metrics.listen");
+        }
+        if serde_json::to_value(&self.security).ok() != serde_json::to_value(&new.security).ok() {
+            v.push("security");
         }
         if self.limits.inbound_queue != new.limits.inbound_queue
             || self.limits.read_queue != new.limits.read_queue

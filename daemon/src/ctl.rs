@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use pickup_protocol::answer::{Answer, CallAnswer, CreateAnswer};
-use pickup_protocol::client::{BrokerUrl, LinkOptions, Requester, Version};
+use pickup_protocol::client::{Endpoint, LinkOptions, Requester, TlsClient, Version};
 use pickup_protocol::{CallView, ParcelClass, Topics};
 use serde_json::json;
 
@@ -37,6 +37,9 @@ pub struct Common {
     /// How long to wait for an answer, milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub timeout_ms: u64,
+    /// CA certificate(s) (PEM) to trust for an mqtts:// broker.
+    #[arg(long, env = "PICKUP_CAFILE")]
+    pub cafile: Option<std::path::PathBuf>,
 }
 
 /// Parcel class on the command line.
@@ -113,6 +116,20 @@ pub enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Manage device identities in the registry file (on the daemon's box).
+    Device {
+        #[command(flatten)]
+        at: crate::security::cli::RegistryArgs,
+        #[command(subcommand)]
+        cmd: crate::security::cli::DeviceCmd,
+    },
+    /// Broker configuration generated from the registry.
+    Broker {
+        #[command(flatten)]
+        at: crate::security::cli::RegistryArgs,
+        #[command(subcommand)]
+        cmd: crate::security::cli::BrokerCmd,
+    },
 }
 
 fn random_id(prefix: &str) -> String {
@@ -130,8 +147,22 @@ async fn connect(
     Topics,
 )> {
     let topics = Topics::new(&c.site)?;
-    let id = c.client_id.clone().unwrap_or_else(|| random_id("ctl-"));
-    let mut o = LinkOptions::new(BrokerUrl::parse(&c.broker)?, id.clone());
+    let id = c.client_id.clone().unwrap_or_else(|| match &c.user {
+        // An operator identity's client ids: ctl-<user>--<suffix> (docs/security.md).
+        Some(u) => format!("ctl-{u}--{:08x}", rand::random::<u32>()),
+        None => random_id("ctl-"),
+    });
+    let ep = Endpoint::parse(&c.broker)?;
+    let mut o = LinkOptions::new(ep.url, id.clone());
+    if ep.tls {
+        let ca = c.cafile.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--cafile: {} uses TLS and needs the CA certificate(s) to trust",
+                c.broker
+            )
+        })?;
+        o.tls = Some(TlsClient::from_ca_file(ca)?);
+    }
     o.version = if c.mqtt_version == 5 {
         Version::V5
     } else {
@@ -202,6 +233,8 @@ where
 pub async fn run(c: Common, cmd: Command) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(c.timeout_ms);
     match cmd {
+        Command::Device { at, cmd } => crate::security::cli::device(&at, cmd, c.json),
+        Command::Broker { at, cmd } => crate::security::cli::broker(&at, cmd),
         Command::Call {
             tel,
             lat,

@@ -15,6 +15,7 @@
 //! - [`logging`]: log setup;
 //! - [`metrics`]: the optional Prometheus endpoint;
 //! - [`systemd`]: readiness, status, watchdog (sd_notify).
+//! - [`security`]: the device registry, broker authentication, Mosquitto ACL generation.
 
 pub mod app;
 pub mod breaker;
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod logging;
 pub mod metrics;
 pub mod scale;
+pub mod security;
 pub mod store;
 pub mod systemd;
 pub mod tariff;

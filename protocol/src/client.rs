@@ -36,6 +36,9 @@ pub enum LinkError {
     /// The answer was not JSON.
     #[error("answer is not JSON: {0}")]
     BadAnswer(String),
+    /// TLS settings could not be used (CA file missing or not PEM).
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// MQTT protocol version to speak.
@@ -67,7 +70,7 @@ impl BrokerUrl {
         if rest.contains("://") {
             return Err(LinkError::BadUrl(
                 url.into(),
-                "only mqtt:// (plain TCP) is supported",
+                "only mqtt:// (plain TCP) here; mqtts:// goes through Endpoint::parse",
             ));
         }
         let rest = rest.trim_end_matches('/');
@@ -90,6 +93,107 @@ impl BrokerUrl {
             host: host.to_string(),
             port,
         })
+    }
+}
+
+/// A broker address with its transport: `mqtt://` (plain TCP) or `mqtts://` (TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host and port.
+    pub url: BrokerUrl,
+    /// Whether to speak TLS.
+    pub tls: bool,
+}
+
+impl Endpoint {
+    /// Parses `mqtt://host:port`, `tcp://host:port`, `host:port` (plain; port 1883 by
+    /// default) or `mqtts://host:port`, `ssl://host:port` (TLS; port 8883 by default).
+    pub fn parse(url: &str) -> Result<Self, LinkError> {
+        let tls_rest = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"));
+        match tls_rest {
+            Some(rest) => {
+                let rest = rest.trim_end_matches('/');
+                let has_port = match rest.rsplit_once(':') {
+                    Some((h, _)) => !h.ends_with(']') || h.starts_with('['),
+                    None => false,
+                } && !(rest.starts_with('[') && rest.ends_with(']'));
+                let with_port = if has_port {
+                    rest.to_string()
+                } else {
+                    format!("{rest}:8883")
+                };
+                let parsed = BrokerUrl::parse(&with_port).map_err(|e| match e {
+                    LinkError::BadUrl(_, why) => LinkError::BadUrl(url.into(), why),
+                    other => other,
+                })?;
+                Ok(Self {
+                    url: parsed,
+                    tls: true,
+                })
+            }
+            None => Ok(Self {
+                url: BrokerUrl::parse(url)?,
+                tls: false,
+            }),
+        }
+    }
+}
+
+/// TLS settings of a client: the certificate authorities it trusts. rustls with the ring
+/// provider; the server's name (or IP address) must be in its certificate.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsClient")
+    }
+}
+
+impl TlsClient {
+    /// Trusts the PEM certificates in `pem` (one or more `CERTIFICATE` blocks).
+    pub fn from_ca_pem(pem: &[u8]) -> Result<Self, LinkError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| LinkError::Tls(format!("CA file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| LinkError::Tls(format!("CA certificate refused: {e}")))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(LinkError::Tls("CA file holds no PEM certificate".into()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| LinkError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            config: Arc::new(config),
+        })
+    }
+
+    /// Trusts the PEM certificates in the file at `path`.
+    pub fn from_ca_file(path: &std::path::Path) -> Result<Self, LinkError> {
+        let pem = std::fs::read(path)
+            .map_err(|e| LinkError::Tls(format!("CA file {}: {e}", path.display())))?;
+        Self::from_ca_pem(&pem).map_err(|e| match e {
+            LinkError::Tls(m) => LinkError::Tls(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    fn transport(&self) -> rumqttc::Transport {
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(self.config.clone()))
     }
 }
 
@@ -131,6 +235,8 @@ pub struct LinkOptions {
     pub inflight: u16,
     /// Capacity of the request channel between client handles and the event loop.
     pub channel_capacity: usize,
+    /// TLS (`mqtts://`): the authorities to trust. `None`: plain TCP.
+    pub tls: Option<TlsClient>,
 }
 
 impl LinkOptions {
@@ -148,6 +254,7 @@ impl LinkOptions {
             max_packet: 256 * 1024,
             inflight: 100,
             channel_capacity: 1024,
+            tls: None,
         }
     }
 }
@@ -309,6 +416,9 @@ pub fn link(opts: &LinkOptions) -> (Link, LinkEvents) {
                     w.retain,
                 ));
             }
+            if let Some(t) = &opts.tls {
+                o.set_transport(t.transport());
+            }
             let (client, mut ev) = rumqttc::AsyncClient::new(o, opts.channel_capacity);
             let mut net = rumqttc::NetworkOptions::new();
             net.set_tcp_nodelay(true);
@@ -361,6 +471,9 @@ pub fn link(opts: &LinkOptions) -> (Link, LinkEvents) {
             net.set_tcp_nodelay(true);
             net.set_connection_timeout(5);
             o.set_network_options(net);
+            if let Some(t) = &opts.tls {
+                o.set_transport(t.transport());
+            }
             let (client, ev) = rumqttc::v5::AsyncClient::new(o, opts.channel_capacity);
             (
                 Link {
@@ -750,6 +863,22 @@ mod tests {
         assert!(BrokerUrl::parse("mqtt://h:x").is_err());
         assert!(BrokerUrl::parse("mqtts://h:1").is_err());
         assert!(BrokerUrl::parse("mqtt://:1").is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        let e = Endpoint::parse("mqtts://broker.example:9883").unwrap();
+        assert!(e.tls);
+        assert_eq!(e.url.port, 9883);
+        assert_eq!(Endpoint::parse("mqtts://h").unwrap().url.port, 8883);
+        assert_eq!(Endpoint::parse("ssl://[::1]").unwrap().url.host, "::1");
+        assert_eq!(Endpoint::parse("mqtts://[::1]:1").unwrap().url.port, 1);
+        let p = Endpoint::parse("mqtt://127.0.0.1:1884").unwrap();
+        assert!(!p.tls);
+        assert_eq!(p.url.port, 1884);
+        assert!(Endpoint::parse("mqtts://h:x").is_err());
+        assert!(Endpoint::parse("http://h:1").is_err());
+        assert!(TlsClient::from_ca_pem(b"no pem here").is_err());
     }
 
     #[test]

@@ -8,3 +8,5 @@ mod external;
 mod faults;
 mod overload;
 mod recovery;
+mod scale;
+mod security;

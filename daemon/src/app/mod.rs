@@ -170,15 +170,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     core.restore(loaded.calls, loaded.couriers);
 
     // Broker.
+    let security = crate::security::Security::prepare(&cfg)?;
     let (broker, url) = if cfg.mqtt.url.is_empty() {
-        let b = pickup_broker::Broker::start(cfg.broker.clone())?;
+        let b = pickup_broker::Broker::start(security.broker_config(&cfg.broker))?;
         let addr = b.v4_addr();
-        if !addr.ip().is_loopback() {
-            tracing::warn!(
-                listen = %addr,
-                "the embedded broker listens beyond loopback and has no per-topic authorization: any client that can connect may read and publish every topic; use Mosquitto with the generated ACL for production (README, \"Production broker\")"
-            );
-        }
+        security.warn_exposure(&cfg.broker);
         // MQTT 5 kiosks need the daemon on the MQTT 5 listener too: rumqttd breaks
         // MQTT 3.1.1 connections that receive publishes with MQTT 5 properties.
         let own = match (cfg.mqtt.version, b.v5_addr()) {
@@ -191,7 +187,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         };
         (Some(b), url)
     } else {
-        (None, BrokerUrl::parse(&cfg.mqtt.url)?)
+        let ep = security.endpoint.clone();
+        (None, ep.map(|e| e.url).context("mqtt.url")?)
     };
     let broker_addr = match &broker {
         Some(b) => b.v4_addr(),
@@ -218,6 +215,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     if let (Some(u), Some(p)) = (&cfg.mqtt.username, &cfg.mqtt.password) {
         lo.credentials = Some((u.clone(), p.clone()));
     }
+    security.configure_link(&mut lo);
     lo.will = Some(Will {
         topic: topics.daemon_state(),
         payload: serde_json::to_vec(&DaemonState {
