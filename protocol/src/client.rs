@@ -6,7 +6,7 @@
 //! errors (rumqttc reconnects with no delay), and resubscription when the broker did not
 //! keep the session. Messages and publishes look the same whatever the protocol version.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -330,9 +330,53 @@ pub struct LinkEvents {
     inner: LinkLoop,
 }
 
+/// Each client's event loop, with the requests held across a reconnect (see
+/// [`LinkEvents::poll`]).
 enum LinkLoop {
-    V4(Box<rumqttc::EventLoop>),
-    V5(Box<rumqttc::v5::EventLoop>),
+    V4(Box<rumqttc::EventLoop>, VecDeque<rumqttc::Request>),
+    V5(Box<rumqttc::v5::EventLoop>, VecDeque<rumqttc::v5::Request>),
+}
+
+/// What rumqttc set aside when the connection broke, held until the next CONNACK.
+///
+/// On a connection error rumqttc moves the publishes in flight *and every request still
+/// waiting in its channel* into its pending list, and empties that list when the broker
+/// did not keep the session — silently dropping requests that never left, which no
+/// event reports. A publish held in its collision slot is kept nowhere and blocks all
+/// later requests forever once the session is gone. So: take everything on the error,
+/// and on the CONNACK give back what the broker's answer calls for: everything when
+/// the session was kept (rumqttc's own behaviour), else only what was never sent (a
+/// fresh packet id each). Requests then either go out (and are reported as sent) or
+/// were in flight (and were reported as sent before), which callers can rely on.
+macro_rules! hold_on_error {
+    ($ev:expr, $held:expr, $publish:path) => {{
+        let mut inflight = Vec::new();
+        let mut unsent = Vec::new();
+        for r in $ev.pending.drain(..) {
+            match r {
+                $publish(p) if p.pkid != 0 => inflight.push($publish(p)),
+                other => unsent.push(other),
+            }
+        }
+        $held.extend(inflight);
+        if let Some(mut p) = $ev.state.collision.take() {
+            p.pkid = 0;
+            $held.push_back($publish(p));
+        }
+        $held.extend(unsent);
+    }};
+}
+
+macro_rules! give_back {
+    ($ev:expr, $held:expr, $publish:path, $session_present:expr) => {{
+        let keep_inflight = $session_present;
+        let mut back: VecDeque<_> = $held
+            .drain(..)
+            .filter(|r| keep_inflight || !matches!(r, $publish(p) if p.pkid != 0))
+            .collect();
+        back.extend($ev.pending.drain(..));
+        $ev.pending = back;
+    }};
 }
 
 fn qos4(qos1: bool) -> rumqttc::QoS {
@@ -385,7 +429,7 @@ pub fn link(opts: &LinkOptions) -> (Link, LinkEvents) {
                     inner: LinkClient::V4(client),
                 },
                 LinkEvents {
-                    inner: LinkLoop::V4(Box::new(ev)),
+                    inner: LinkLoop::V4(Box::new(ev), VecDeque::new()),
                 },
             )
         }
@@ -436,7 +480,7 @@ pub fn link(opts: &LinkOptions) -> (Link, LinkEvents) {
                     inner: LinkClient::V5(client),
                 },
                 LinkEvents {
-                    inner: LinkLoop::V5(Box::new(ev)),
+                    inner: LinkLoop::V5(Box::new(ev), VecDeque::new()),
                 },
             )
         }
@@ -525,16 +569,22 @@ impl LinkEvents {
     /// with a [`Backoff`] first.
     pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
         match &mut self.inner {
-            LinkLoop::V4(ev) => {
-                use rumqttc::{Event, Outgoing, Packet};
-                let e = ev
-                    .poll()
-                    .await
-                    .map_err(|e| LinkError::Connection(e.to_string()))?;
+            LinkLoop::V4(ev, held) => {
+                use rumqttc::{Event, Outgoing, Packet, Request};
+                let e = match ev.poll().await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        hold_on_error!(ev, held, Request::Publish);
+                        return Err(LinkError::Connection(e.to_string()));
+                    }
+                };
                 Ok(match e {
-                    Event::Incoming(Packet::ConnAck(a)) => LinkEvent::Connected {
-                        session_present: a.session_present,
-                    },
+                    Event::Incoming(Packet::ConnAck(a)) => {
+                        give_back!(ev, held, Request::Publish, a.session_present);
+                        LinkEvent::Connected {
+                            session_present: a.session_present,
+                        }
+                    }
                     Event::Incoming(Packet::Publish(p)) => LinkEvent::Message(Message {
                         topic: p.topic,
                         payload: p.payload,
@@ -548,18 +598,24 @@ impl LinkEvents {
                     _ => LinkEvent::Other,
                 })
             }
-            LinkLoop::V5(ev) => {
+            LinkLoop::V5(ev, held) => {
                 use rumqttc::v5::mqttbytes::v5::Packet;
-                use rumqttc::v5::Event;
+                use rumqttc::v5::{Event, Request};
                 use rumqttc::Outgoing;
-                let e = ev
-                    .poll()
-                    .await
-                    .map_err(|e| LinkError::Connection(e.to_string()))?;
+                let e = match ev.poll().await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        hold_on_error!(ev, held, Request::Publish);
+                        return Err(LinkError::Connection(e.to_string()));
+                    }
+                };
                 Ok(match e {
-                    Event::Incoming(Packet::ConnAck(a)) => LinkEvent::Connected {
-                        session_present: a.session_present,
-                    },
+                    Event::Incoming(Packet::ConnAck(a)) => {
+                        give_back!(ev, held, Request::Publish, a.session_present);
+                        LinkEvent::Connected {
+                            session_present: a.session_present,
+                        }
+                    }
                     Event::Incoming(Packet::Publish(p)) => {
                         let (response_topic, correlation_data) = match p.properties {
                             Some(pr) => {

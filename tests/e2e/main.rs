@@ -5,6 +5,7 @@ mod bad_input;
 mod couriers;
 mod dispatch;
 mod external;
+mod faults;
 mod notifications;
 mod overload;
 mod recovery;

@@ -365,6 +365,8 @@ pub struct Mosquitto {
     child: Child,
     /// Its address.
     pub addr: SocketAddr,
+    /// Its config file, kept for [`Mosquitto::restart`].
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -389,35 +391,84 @@ pub fn require(program: &str, package: &str) -> PathBuf {
 impl Mosquitto {
     /// Starts it (anonymous, no persistence, nodelay) and waits until it accepts TCP.
     pub fn start() -> Self {
-        let bin = require("mosquitto", "mosquitto");
+        Self::start_with(false)
+    }
+
+    /// Like [`Mosquitto::start`], with persistence on as Debian ships it: a graceful
+    /// stop saves sessions, queued and retained messages, and a restart brings them back.
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            // `user root`: started as root, Mosquitto would switch to its own user,
+            // which cannot write into the test's private temp dir (no effect otherwise).
+            format!(
+                "persistence true\npersistence_location {}/\nuser root\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nmax_queued_messages 100000\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}set_tcp_nodelay true\nmax_queued_messages 100000\n"
             ),
         )
         .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Self::spawn(&conf, addr);
+        Self {
+            child,
+            addr,
+            conf,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(conf: &Path, addr: SocketAddr) -> Child {
+        let bin = require("mosquitto", "mosquitto");
         let child = Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto starts");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let end = Instant::now() + DEADLINE;
         while TcpStream::connect(addr).is_err() {
             assert!(Instant::now() < end, "mosquitto did not start listening");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Self {
-            child,
-            addr,
-            _dir: dir,
+        child
+    }
+
+    /// SIGKILL: the broker vanishes without a goodbye, and with persistence off its
+    /// sessions, queued messages and retained messages go with it (a broker crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait: a graceful stop (a persistent broker saves its state).
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same settings (after
+    /// [`Mosquitto::kill`] or [`Mosquitto::terminate`]; kills it first if still running).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.conf, self.addr);
     }
 }
 
