@@ -91,7 +91,8 @@ pub struct Load {
     pub writer_queued: usize,
     /// Its capacity.
     pub writer_capacity: usize,
-    /// Calls waiting for a courier.
+    /// Calls waiting for a courier, plus creates admitted but not yet handled by the
+    /// dispatch loop (so the limit holds exactly, however far behind the loop is).
     pub dispatching: usize,
     /// Their limit.
     pub max_dispatching: usize,

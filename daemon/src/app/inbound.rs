@@ -308,7 +308,13 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
                 inbound_capacity: ctx.dispatch.max_capacity(),
                 writer_queued: ctx.writer_stats.queued.load(Ordering::Relaxed) as usize,
                 writer_capacity: ctx.writer_capacity,
-                dispatching: ctx.stats.dispatching.load(Ordering::Relaxed) as usize,
+                dispatching: (ctx.stats.dispatching.load(Ordering::Relaxed)
+                    + ctx
+                        .stats
+                        .creates_admitted
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(ctx.stats.creates_handled.load(Ordering::Relaxed)))
+                    as usize,
                 max_dispatching,
                 last_commit_us: ctx.writer_stats.last_commit_us.load(Ordering::Relaxed),
             };
@@ -322,7 +328,9 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
                 ctx.state.shed.fetch_add(1, Ordering::Relaxed);
                 return busy(ctx, path, r.retry_after_ms, r.why);
             }
+            ctx.stats.creates_admitted.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = ctx.dispatch.try_send(Input::Create(Box::new(req), path)) {
+                ctx.stats.creates_admitted.fetch_sub(1, Ordering::Relaxed);
                 let path = match e.into_inner() {
                     Input::Create(_, p) => p,
                     _ => return,

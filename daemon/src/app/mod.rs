@@ -43,6 +43,10 @@ pub struct Stats {
     pub couriers_online: AtomicU64,
     /// Call admission breaker: 0 closed, 1 open, 2 half-open.
     pub admission: std::sync::atomic::AtomicU8,
+    /// Creates admitted by the inbound task.
+    pub creates_admitted: AtomicU64,
+    /// Creates the dispatch loop has handled (admitted − handled = in flight).
+    pub creates_handled: AtomicU64,
 }
 
 /// A started daemon.
@@ -619,7 +623,18 @@ impl DispatchLoop {
                 biased;
                 _ = &mut shutdown => break,
                 msg = rx.recv() => match msg {
-                    Some(m) => self.handle(m).await,
+                    Some(m) => {
+                        let create = matches!(m, Input::Create(..));
+                        self.handle(m).await;
+                        if create {
+                            // The new call counts as dispatching before it stops counting as
+                            // in flight, so admission never sees it in neither.
+                            self.stats
+                                .dispatching
+                                .store(self.core.pending_count() as u64, Ordering::Relaxed);
+                            self.stats.creates_handled.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     None => break,
                 },
                 _ = sleep => {
