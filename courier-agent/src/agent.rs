@@ -10,6 +10,13 @@
 //! On every CONNACK it subscribes to its job topic and its replies topic (the SUBACK also
 //! marks the end of the previous connection's events), then publishes its retained presence,
 //! its location, and the replies that waited in the queue, oldest first.
+//!
+//! A reply leaves the queue only when the daemon's answer to it arrives (matched by
+//! `correlation_id` = `reply_id`): applied, a repeat, or refused for good. The broker's
+//! PUBACK is not enough: a broker that has just restarted acknowledges and drops a reply
+//! when the daemon has not subscribed again yet. Unanswered replies are sent again after
+//! [`AgentConfig::answer_timeout`] (doubling, up to a minute) and on every reconnect; the
+//! daemon drops repeats by `reply_id`.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -120,7 +127,7 @@ pub struct Status {
     pub job: Option<Job>,
     /// The courier's latest action on that job, if any.
     pub last_action: Option<JobAction>,
-    /// Replies waiting for the broker's acknowledgement.
+    /// Replies waiting for the daemon's answer.
     pub queued: usize,
     /// Events the consumer did not take in time and that were dropped.
     pub events_dropped: u64,
@@ -173,7 +180,8 @@ pub enum EventKind {
         /// Taken while not online: sent on reconnect.
         offline: bool,
     },
-    /// The broker acknowledged a reply; it left the queue.
+    /// The daemon answered a reply (applied, a repeat, or refused for good); it left the
+    /// queue.
     Delivered {
         /// The reply's id.
         reply_id: String,
@@ -184,6 +192,9 @@ pub enum EventKind {
         reply_id: Option<String>,
         /// Applied or not.
         ok: bool,
+        /// A repeat of a reply the daemon had already applied.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
         /// Error code when refused.
         #[serde(skip_serializing_if = "Option::is_none")]
         code: Option<String>,
@@ -234,6 +245,10 @@ enum Command {
         to: Point,
         force: bool,
         respond: Option<oneshot::Sender<()>>,
+    },
+    Code {
+        call_id: String,
+        code: String,
     },
     Shutdown {
         respond: oneshot::Sender<()>,
@@ -310,6 +325,9 @@ impl Agent {
             queue,
             job: None,
             job_code: None,
+            codes: HashMap::new(),
+            codes_order: VecDeque::new(),
+            resend: HashMap::new(),
             progress: HashMap::new(),
             progress_order: VecDeque::new(),
             awaiting_answer: HashMap::new(),
@@ -454,6 +472,34 @@ impl Agent {
             .is_ok()
     }
 
+    /// Hands over the pickup code of a call, as the customer would at the door. With
+    /// automatic answers ([`Policy::complete_after`](crate::config::Policy)), the agent
+    /// then sends `picked_up` with it once it holds that call. The daemon never puts the
+    /// code on the job topic; this is how a demo or load driver that knows the codes (from
+    /// the kiosks' create answers) lets simulated couriers finish their jobs. The code may
+    /// arrive before or after the job.
+    pub async fn provide_code(&self, call_id: &str, code: &str) -> Result<(), AgentError> {
+        check_code(call_id, code)?;
+        self.send(Command::Code {
+            call_id: call_id.to_string(),
+            code: code.to_string(),
+        })
+        .await
+    }
+
+    /// Like [`Agent::provide_code`] without waiting; returns false when the command was
+    /// not taken (invalid values, full command channel, stopped agent).
+    pub fn try_provide_code(&self, call_id: &str, code: &str) -> bool {
+        check_code(call_id, code).is_ok()
+            && self
+                .cmd
+                .try_send(Command::Code {
+                    call_id: call_id.to_string(),
+                    code: code.to_string(),
+                })
+                .is_ok()
+    }
+
     /// Stops cleanly: publishes presence offline (when online), disconnects so that the
     /// last will is not sent, and waits for the task to end. Queued replies stay in the
     /// queue file for the next start.
@@ -473,6 +519,11 @@ impl Agent {
     async fn send(&self, c: Command) -> Result<(), AgentError> {
         self.cmd.send(c).await.map_err(|_| AgentError::Stopped)
     }
+}
+
+fn check_code(call_id: &str, code: &str) -> Result<(), AgentError> {
+    validate::id("call_id", call_id).map_err(AgentError::Invalid)?;
+    validate::id("pickup code", code).map_err(AgentError::Invalid)
 }
 
 /// How far a clean shutdown has got.
@@ -513,6 +564,19 @@ fn next_poll(mut events: LinkEvents, delay: Option<Duration>) -> PollFuture {
 
 /// Replies whose answers the console may want to explain, per call.
 const PROGRESS_KEPT: usize = 64;
+/// Pickup codes kept for calls the courier may get (a simulated courier sees few calls).
+const CODES_KEPT: usize = 256;
+/// The longest wait before an unanswered reply is sent again.
+const RESEND_MAX: Duration = Duration::from_secs(60);
+
+/// When an unanswered reply goes out again.
+#[derive(Debug, Clone, Copy)]
+struct Resend {
+    /// Sends so far.
+    attempts: u32,
+    /// Next send, if still unanswered by then.
+    at: Instant,
+}
 /// Location reports are skipped while this many publishes wait for the broker.
 const BACKLOG_LIMIT: usize = 256;
 /// How long a publish may wait for room in the client's channel.
@@ -530,6 +594,11 @@ struct Runner {
     job: Option<Job>,
     /// A pickup code carried on the job (simulation only; the daemon never sends one).
     job_code: Option<String>,
+    /// Pickup codes handed over by the caller ([`Agent::provide_code`]), per call.
+    codes: HashMap<String, String>,
+    codes_order: VecDeque<String>,
+    /// Queued replies sent on this connection, and when to send them again unanswered.
+    resend: HashMap<String, Resend>,
     /// The courier's latest action per call, so that a retained offer seen again after a
     /// reconnect is not answered twice, and commands can follow ahead of the daemon.
     progress: HashMap<String, JobAction>,
@@ -562,6 +631,11 @@ impl Runner {
                 Stop::Offline { deadline } | Stop::Closing { deadline } => Some(deadline),
                 _ => None,
             };
+            let resend_at = if self.tracker.is_ready() {
+                self.resend.values().map(|r| r.at).min()
+            } else {
+                None
+            };
             tokio::select! {
                 (ev, res) = &mut poll => {
                     let delay = match res {
@@ -589,6 +663,7 @@ impl Runner {
                 _ = loc_tick.tick() => self.report_location(true).await,
                 _ = sleep_until_opt(timer_at), if timer_at.is_some() => self.fire_timers().await,
                 _ = sleep_until_opt(stop_at), if stop_at.is_some() => self.on_stop_deadline().await,
+                _ = sleep_until_opt(resend_at), if resend_at.is_some() => self.resend_due().await,
             }
             self.update_status();
             if matches!(self.stop, Stop::Done) {
@@ -663,26 +738,13 @@ impl Runner {
                 }
             }
             LinkEvent::PublishSent(pkid) => self.tracker.publish_sent(pkid),
-            LinkEvent::PubAck(pkid) => match self.tracker.puback(pkid) {
-                Some(Tag::Reply(id)) => match self.queue.remove(&id) {
-                    Ok(true) => self.emit(EventKind::Delivered { reply_id: id }),
-                    Ok(false) => {}
-                    Err(e) => {
-                        // The reply stays in the file and is sent again later: a repeat
-                        // the daemon ignores.
-                        tracing::error!(courier = %self.cfg.courier_id, error = %e, "could not remove a delivered reply from the queue");
-                        self.emit(EventKind::Warning {
-                            message: e.to_string(),
-                        });
-                    }
-                },
-                Some(Tag::Offline) => {
-                    if matches!(self.stop, Stop::Offline { .. }) {
-                        self.close().await;
-                    }
+            // A reply acknowledged by the broker stays queued until the daemon answers it.
+            LinkEvent::PubAck(pkid) => {
+                let offline_out = self.tracker.puback(pkid) == Some(Tag::Offline);
+                if offline_out && matches!(self.stop, Stop::Offline { .. }) {
+                    self.close().await;
                 }
-                _ => {}
-            },
+            }
             LinkEvent::Message(m) => self.on_message(m),
             LinkEvent::Other => {}
         }
@@ -710,6 +772,7 @@ impl Runner {
     async fn on_ready(&mut self) {
         self.publish_presence(PresenceState::Online).await;
         self.report_location(true).await;
+        // Everything unanswered goes out again on a new connection, oldest first.
         let pending: Vec<JobReply> = self.queue.entries().to_vec();
         let replayed = pending.len();
         for r in pending {
@@ -824,8 +887,99 @@ impl Runner {
             obj.insert("correlation_id".into(), reply_id.clone().into());
         }
         let topic = self.topics.courier_job_reply(&self.cfg.courier_id);
-        self.publish(topic, true, false, to_json(&v), Tag::Reply(reply_id))
-            .await;
+        if self
+            .publish(
+                topic,
+                true,
+                false,
+                to_json(&v),
+                Tag::Reply(reply_id.clone()),
+            )
+            .await
+        {
+            let attempts = self.resend.get(&reply_id).map_or(0, |r| r.attempts) + 1;
+            let wait = self
+                .cfg
+                .answer_timeout
+                .saturating_mul(1 << (attempts - 1).min(6))
+                .min(RESEND_MAX.max(self.cfg.answer_timeout));
+            self.resend.insert(
+                reply_id,
+                Resend {
+                    attempts,
+                    at: Instant::now() + wait,
+                },
+            );
+        }
+    }
+
+    /// Sends again, oldest first, the queued replies whose answer is overdue.
+    async fn resend_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<JobReply> = self
+            .queue
+            .entries()
+            .iter()
+            .filter(|r| {
+                r.reply_id
+                    .as_ref()
+                    .and_then(|id| self.resend.get(id))
+                    .is_some_and(|s| s.at <= now)
+            })
+            .cloned()
+            .collect();
+        // Entries no longer queued (answered meanwhile) need no timer.
+        let queued: std::collections::HashSet<&str> = self
+            .queue
+            .entries()
+            .iter()
+            .filter_map(|r| r.reply_id.as_deref())
+            .collect();
+        self.resend.retain(|id, _| queued.contains(id.as_str()));
+        for r in due {
+            if !self.tracker.is_ready() {
+                break;
+            }
+            tracing::debug!(courier = %self.cfg.courier_id, reply_id = ?r.reply_id, "no answer yet; sending the reply again");
+            self.publish_reply(&r).await;
+        }
+    }
+
+    /// The daemon answered a queued reply: it leaves the queue unless the daemon asked to
+    /// be asked again later (`busy`) or failed inside (`internal`).
+    fn settle(
+        &mut self,
+        reply_id: &str,
+        ok: bool,
+        code: Option<&str>,
+        retry_after_ms: Option<u64>,
+    ) {
+        let transient = !ok && matches!(code, Some("busy" | "internal"));
+        if transient {
+            if let Some(r) = self.resend.get_mut(reply_id) {
+                let wait = retry_after_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(self.cfg.answer_timeout)
+                    .min(RESEND_MAX);
+                r.at = Instant::now() + wait;
+            }
+            return;
+        }
+        self.resend.remove(reply_id);
+        match self.queue.remove(reply_id) {
+            Ok(true) => self.emit(EventKind::Delivered {
+                reply_id: reply_id.to_string(),
+            }),
+            Ok(false) => {}
+            Err(e) => {
+                // The reply stays in the file and is sent again later: a repeat the
+                // daemon answers as such.
+                tracing::error!(courier = %self.cfg.courier_id, error = %e, "could not remove an answered reply from the queue");
+                self.emit(EventKind::Warning {
+                    message: e.to_string(),
+                });
+            }
+        }
     }
 
     // ---- incoming ----
@@ -893,8 +1047,17 @@ impl Runner {
             .and_then(|e| e.get("message"))
             .and_then(|c| c.as_str())
             .map(|s| s.chars().take(300).collect());
+        let retry_after_ms = err
+            .and_then(|e| e.get("retry_after_ms"))
+            .and_then(|r| r.as_u64());
+        let duplicate = ok && v.get("duplicate").and_then(|d| d.as_bool()) == Some(true);
+        if let Some(id) = &reply_id {
+            self.settle(id, ok, code.as_deref(), retry_after_ms);
+        }
+        let transient = !ok && matches!(code.as_deref(), Some("busy" | "internal"));
         if let Some((call, action, before)) = reply_id
             .as_ref()
+            .filter(|_| !transient)
             .and_then(|r| self.awaiting_answer.remove(r))
         {
             if !ok && self.progress.get(&call) == Some(&action) {
@@ -912,6 +1075,7 @@ impl Runner {
         self.emit(EventKind::Answer {
             reply_id,
             ok,
+            duplicate,
             code,
             message,
         });
@@ -1071,7 +1235,8 @@ impl Runner {
             }
             // Collect the parcel, only possible when the job carries a code (simulation).
             (JobKind::Assigned, None | Some(Accept)) | (JobKind::Offer, Some(Accept)) => {
-                match (&self.job_code, policy.complete_after) {
+                let code = self.job_code.as_ref().or_else(|| self.codes.get(&call));
+                match (code, policy.complete_after) {
                     (Some(code), Some(d)) => Some((d, Action::PickedUp(code.clone()))),
                     _ => None,
                 }
@@ -1144,6 +1309,22 @@ impl Runner {
                 if let Some(r) = respond {
                     self.update_status();
                     let _ = r.send(());
+                }
+            }
+            Command::Code { call_id, code } => {
+                if !self.codes.contains_key(&call_id) {
+                    self.codes_order.push_back(call_id.clone());
+                    while self.codes_order.len() > CODES_KEPT {
+                        if let Some(old) = self.codes_order.pop_front() {
+                            self.codes.remove(&old);
+                        }
+                    }
+                }
+                self.codes.insert(call_id.clone(), code);
+                if let Some(job) = self.job.clone() {
+                    if job.call_id.as_deref() == Some(call_id.as_str()) {
+                        self.apply_policy(&job);
+                    }
                 }
             }
             Command::Shutdown { respond } => {

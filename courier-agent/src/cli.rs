@@ -7,6 +7,7 @@ use clap::Parser;
 use pickup_protocol::client::{BrokerUrl, Version};
 use pickup_protocol::Vehicle;
 
+use crate::codes::CodeSource;
 use crate::config::{AgentConfig, ConfigError, Policy};
 use crate::console::ConsoleOptions;
 use crate::fleet::FleetConfig;
@@ -125,6 +126,14 @@ pub struct Cli {
     /// Fleet: mean break, seconds.
     #[arg(long, default_value_t = 120)]
     pub shift_off_mean_s: u64,
+    /// Fleet: read pickup codes from this file (followed like `tail -f`) or `-` for stdin,
+    /// one per line as "CALL_ID CODE" or a JSON create answer; couriers holding those
+    /// calls then mark them picked up and completed.
+    #[arg(long)]
+    pub pickup_codes: Option<String>,
+    /// Send an unanswered reply again after this many ms (doubling up to a minute).
+    #[arg(long, default_value_t = 5_000)]
+    pub answer_timeout_ms: u64,
 }
 
 /// What to run.
@@ -191,6 +200,12 @@ impl Cli {
         if self.keep_alive_s == 0 {
             return Err(ConfigError::new("--keep-alive-s: must be at least 1"));
         }
+        if self.answer_timeout_ms < 100 {
+            return Err(ConfigError::new(
+                "--answer-timeout-ms: must be at least 100",
+            ));
+        }
+        let answer_timeout = Duration::from_millis(self.answer_timeout_ms);
         let policy = Policy {
             auto_answer: self.auto_accept || self.decline_rate.is_some() || self.simulate.is_some(),
             decline_rate: self.decline_rate.unwrap_or(0.0),
@@ -241,6 +256,7 @@ impl Cli {
             template.keep_alive_s = self.keep_alive_s;
             template.reconnect_max = Duration::from_millis(self.reconnect_max_ms.max(100));
             template.channel_capacity = 512;
+            template.answer_timeout = answer_timeout;
             template.queue = QueueStore::Memory;
             let fleet = FleetConfig {
                 template,
@@ -254,11 +270,25 @@ impl Cli {
                 shift_off_mean: Duration::from_secs(self.shift_off_mean_s.max(1)),
                 queue_dir: self.queue_dir,
                 json: self.json,
+                pickup_codes: match self.pickup_codes.as_deref() {
+                    Some("") => {
+                        return Err(ConfigError::new(
+                            "--pickup-codes: expected a file path or - for stdin",
+                        ))
+                    }
+                    Some(s) => Some(CodeSource::parse(s)),
+                    None => None,
+                },
             };
             fleet.validate()?;
             return Ok(Run::Fleet(Box::new(fleet)));
         }
 
+        if self.pickup_codes.is_some() {
+            return Err(ConfigError::new(
+                "--pickup-codes: only with --simulate (one courier types the code: picked <code>)",
+            ));
+        }
         let id = self
             .id
             .ok_or_else(|| ConfigError::new("--id: required (the courier id)"))?;
@@ -283,6 +313,7 @@ impl Cli {
         c.will_delay_s = self.will_delay_s;
         c.keep_alive_s = self.keep_alive_s;
         c.reconnect_max = Duration::from_millis(self.reconnect_max_ms.max(100));
+        c.answer_timeout = answer_timeout;
         c.validate()?;
         Ok(Run::Single {
             agent: Box::new(c),
@@ -377,6 +408,28 @@ mod tests {
         assert!(e(&["--simulate", "3", "--center", "37.5"]).starts_with("--center"));
         assert!(e(&["--simulate", "3", "--center", "37.5,200"]).starts_with("--center"));
         assert!(e(&["--simulate", "0"]).starts_with("--simulate"));
+        assert!(e(&[
+            "--id",
+            "k",
+            "--lat",
+            "1",
+            "--lon",
+            "2",
+            "--pickup-codes",
+            "-"
+        ])
+        .starts_with("--pickup-codes"));
+        assert!(e(&[
+            "--id",
+            "k",
+            "--lat",
+            "1",
+            "--lon",
+            "2",
+            "--answer-timeout-ms",
+            "5"
+        ])
+        .starts_with("--answer-timeout-ms"));
     }
 
     #[test]
@@ -399,5 +452,10 @@ mod tests {
         assert_eq!(f.seed, 7);
         assert_eq!(f.center, Point::new(37.5, -0.1));
         assert!(f.template.policy.auto_answer);
+        assert_eq!(f.pickup_codes, None);
+        let Run::Fleet(f) = run(&["--simulate", "2", "--pickup-codes", "-"]).unwrap() else {
+            panic!("expected a fleet")
+        };
+        assert_eq!(f.pickup_codes, Some(CodeSource::Stdin));
     }
 }

@@ -33,7 +33,9 @@ pub struct Policy {
     /// Think time before an automatic answer, milliseconds (lowest, highest).
     pub think_ms: (u64, u64),
     /// Finish jobs automatically: `completed` this long after the job reaches `picked_up`,
-    /// and `picked_up` this long after assignment when the job carries a pickup code.
+    /// and `picked_up` this long after assignment once the pickup code is known (handed
+    /// over with [`Agent::provide_code`](crate::Agent::provide_code), or carried by the job
+    /// message of a demo daemon).
     pub complete_after: Option<Duration>,
     /// Seed for the automatic decisions; `None` seeds from the OS.
     pub seed: Option<u64>,
@@ -112,6 +114,10 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// Capacity of the MQTT client's request channel.
     pub channel_capacity: usize,
+    /// How long a sent reply waits for the daemon's answer before it is sent again (the
+    /// wait doubles with each attempt, up to a minute). A reply leaves the queue only when
+    /// answered: the broker acknowledging it proves nothing when no daemon was subscribed.
+    pub answer_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -144,6 +150,7 @@ impl AgentConfig {
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(10),
             channel_capacity: 1024,
+            answer_timeout: Duration::from_secs(5),
         }
     }
 
@@ -181,6 +188,11 @@ impl AgentConfig {
         }
         if self.keep_alive_s == 0 {
             return Err(ConfigError::new("keep-alive: must be at least 1 second"));
+        }
+        if self.answer_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "--answer-timeout-ms: must be at least 100 ms",
+            ));
         }
         if let Some((u, _)) = &self.credentials {
             if u.is_empty() {

@@ -267,7 +267,7 @@ impl Printer {
         };
         let shift = if s.available { "on shift" } else { "off shift" };
         self.line(&format!(
-            "{}: {link}, {shift}, at {:.5},{:.5}, {} repl{} waiting to be sent",
+            "{}: {link}, {shift}, at {:.5},{:.5}, {} repl{} waiting for the center's answer",
             s.courier_id,
             s.position.lat,
             s.position.lon,
@@ -331,9 +331,15 @@ impl Printer {
             }
             EventKind::Delivered { .. } => return,
             EventKind::Answer {
-                ok, code, message, ..
+                ok,
+                duplicate,
+                code,
+                message,
+                ..
             } => {
-                if *ok {
+                if *ok && *duplicate {
+                    "the center confirmed (it already had this)".to_string()
+                } else if *ok {
                     "the center confirmed".to_string()
                 } else {
                     format!(

@@ -2,8 +2,10 @@
 //!
 //! The MQTT client reports `PublishSent(pkid)` when it writes a publish and `PubAck(pkid)`
 //! when the broker acknowledges it; it never says *which* publish a packet id belongs to.
-//! A queued courier reply may only leave the device's queue file once the broker holds it,
-//! so this module keeps the mapping, mirroring what rumqttc does with its requests:
+//! The agent needs to know: a clean shutdown disconnects only once the broker holds the
+//! "offline" presence (else the last will would say it), and the backlog of unacknowledged
+//! publishes decides whether location reports are skipped. This module keeps the mapping,
+//! mirroring what rumqttc does with its requests:
 //!
 //! - requests are written in the order they were handed to the client, each producing one
 //!   `PublishSent` (QoS 0 ones with packet id 0);
@@ -18,15 +20,18 @@
 //! The agent publishes nothing between an error and the SUBACK of the subscription it makes
 //! on every CONNACK. Everything that arrives before that SUBACK therefore belongs to the
 //! previous connection, and everything after it to the new one, so attribution is exact.
-//! When in doubt a reply stays queued: sending it again is harmless (the daemon drops
-//! repeats by `reply_id`), losing it is not.
+//!
+//! Courier replies are tracked like every other publish, but a broker acknowledgement does
+//! not take them out of the device's queue: only the daemon's answer does (see
+//! [`crate::agent`]), because a broker that has just restarted acknowledges and drops a
+//! publish nobody subscribes to yet.
 
 use std::collections::{HashMap, VecDeque};
 
 /// What a publish was, so its acknowledgement can be acted on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tag {
-    /// A courier reply; acknowledged → removed from the queue.
+    /// A courier reply (it leaves the queue when the daemon answers, not on the ack).
     Reply(String),
     /// The retained "offline" presence sent at a clean shutdown.
     Offline,

@@ -7,10 +7,16 @@
 //! takes them off shift now and then (never while holding a job), and prints one line per
 //! job event. Answers to offers come from each agent's [`Policy`](crate::config::Policy).
 //!
+//! Simulated couriers finish their jobs only when someone hands them the pickup codes
+//! (the daemon never sends them): [`Fleet::codes`] in-process, or `--pickup-codes` for the
+//! process (see [`crate::codes`]). The fleet keeps the codes and gives each to the courier
+//! that gets the call.
+//!
 //! With the same `--seed`, the fleet is the same: ids, names, vehicles, start points,
 //! routes, shift changes (counted in ticks) and the sequence of each courier's answers.
 //! Which courier gets which call still depends on timing in the daemon.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::agent::{now_ms, Agent, AgentError, AgentEvent, EventKind};
+use crate::codes::{CodeSource, PickupCode};
 use crate::config::{AgentConfig, ConfigError};
 use crate::geo::Point;
 use crate::queue::QueueStore;
@@ -50,6 +57,8 @@ pub struct FleetConfig {
     pub queue_dir: Option<PathBuf>,
     /// JSON lines instead of text.
     pub json: bool,
+    /// Where pickup codes come from besides [`Fleet::codes`] (`--pickup-codes`).
+    pub pickup_codes: Option<CodeSource>,
 }
 
 impl FleetConfig {
@@ -142,12 +151,20 @@ struct Sim {
     online: bool,
 }
 
+/// Pickup codes the fleet remembers for calls not yet (or no longer) held.
+const CODES_KEPT: usize = 100_000;
+
 /// A running fleet.
 pub struct Fleet {
     cfg: FleetConfig,
     agents: Vec<Agent>,
     sims: Vec<Sim>,
     events: mpsc::Receiver<AgentEvent>,
+    codes_tx: mpsc::Sender<PickupCode>,
+    codes_rx: mpsc::Receiver<PickupCode>,
+    /// Known codes by call, oldest first in `code_order`.
+    codes: HashMap<String, String>,
+    code_order: VecDeque<String>,
 }
 
 impl Fleet {
@@ -188,17 +205,57 @@ impl Fleet {
                 online: false,
             });
         }
+        let (codes_tx, codes_rx) = mpsc::channel(1024);
+        if let Some(src) = cfg.pickup_codes.clone() {
+            crate::codes::spawn_reader(src, codes_tx.clone()).map_err(|e| {
+                AgentError::Invalid(format!("--pickup-codes: cannot start the reader: {e}"))
+            })?;
+        }
         Ok(Self {
             cfg,
             agents,
             sims,
             events: rx,
+            codes_tx,
+            codes_rx,
+            codes: HashMap::new(),
+            code_order: VecDeque::new(),
         })
     }
 
     /// The agents, in plan order.
     pub fn agents(&self) -> &[Agent] {
         &self.agents
+    }
+
+    /// Where a driver that knows pickup codes (from the kiosks' create answers) sends them,
+    /// so that simulated couriers can mark their jobs picked up and completed.
+    pub fn codes(&self) -> mpsc::Sender<PickupCode> {
+        self.codes_tx.clone()
+    }
+
+    fn on_code(&mut self, c: PickupCode) {
+        if self
+            .codes
+            .insert(c.call_id.clone(), c.code.clone())
+            .is_none()
+        {
+            self.code_order.push_back(c.call_id.clone());
+            while self.code_order.len() > CODES_KEPT {
+                if let Some(old) = self.code_order.pop_front() {
+                    self.codes.remove(&old);
+                }
+            }
+        }
+        for (i, sim) in self.sims.iter().enumerate() {
+            if sim
+                .job
+                .as_ref()
+                .is_some_and(|(call, _, _)| *call == c.call_id)
+            {
+                self.agents[i].try_provide_code(&c.call_id, &c.code);
+            }
+        }
     }
 
     /// Runs the simulation until `stop` completes, then stops every courier cleanly.
@@ -216,6 +273,7 @@ impl Fleet {
                     Some(ev) => self.on_event(ev),
                     None => break,
                 },
+                Some(c) = self.codes_rx.recv() => self.on_code(c),
                 _ = tick.tick() => {
                     n_tick += 1;
                     self.step(n_tick);
@@ -275,6 +333,11 @@ impl Fleet {
                 EventKind::Job { job } => {
                     let pickup = job.pickup.as_ref().map(|l| Point::new(l.lat, l.lon));
                     let call = job.call_id.clone().unwrap_or_default();
+                    if matches!(job.kind, JobKind::Offer | JobKind::Assigned) {
+                        if let Some(code) = self.codes.get(&call) {
+                            self.agents[i].try_provide_code(&call, code);
+                        }
+                    }
                     sim.job = match job.kind {
                         JobKind::Offer | JobKind::Assigned | JobKind::PickedUp => {
                             Some((call.clone(), job.kind, pickup))
@@ -450,6 +513,7 @@ mod tests {
             shift_off_mean: Duration::from_secs(60),
             queue_dir: None,
             json: false,
+            pickup_codes: None,
         }
     }
 

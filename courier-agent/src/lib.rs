@@ -3,10 +3,11 @@
 //! Layout:
 //! - [`agent`]: one courier: MQTT session with a last will, retained presence, location
 //!   reports, the current job, the courier's actions, automatic answers by policy;
-//! - [`delivery`]: which publishes the broker acknowledged (so a reply leaves the device's
-//!   queue only once the broker holds it);
-//! - [`queue`]: the durable queue of replies taken while out of coverage;
+//! - [`delivery`]: which publishes the broker acknowledged (so a clean shutdown knows its
+//!   "offline" presence is out);
+//! - [`queue`]: the durable queue of replies, each kept until the daemon answers it;
 //! - [`config`]: one agent's settings and their checks;
+//! - [`codes`]: pickup codes handed to simulated couriers by a demo or load driver;
 //! - [`cli`]: the command line, turned into an agent or a fleet configuration;
 //! - [`console`]: the interactive front end (line commands in, human or JSON lines out);
 //! - [`fleet`]: `--simulate N`: many couriers in one process, moving, changing shifts,
@@ -15,6 +16,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod codes;
 pub mod config;
 pub mod console;
 pub mod delivery;

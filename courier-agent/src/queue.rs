@@ -1,9 +1,10 @@
-//! The device's queue of courier replies not yet acknowledged by the broker.
+//! The device's queue of courier replies not yet answered by the daemon.
 //!
 //! Every action (accept, decline, picked up, completed) is written here first, with its
-//! `reply_id` and the time it happened, and leaves only when the broker has acknowledged
-//! its publish. A courier who loses signal, or whose handheld restarts, keeps what they
-//! did; on reconnect the replies go out in order with their original `at`.
+//! `reply_id` and the time it happened, and leaves only when the daemon has answered it
+//! (applied, a repeat, or refused for good). A courier who loses signal, or whose handheld
+//! restarts, keeps what they did; on reconnect the replies go out in order with their
+//! original `at`.
 //!
 //! The file holds one JSON [`JobReply`] per line. Appends are fsync'd; removals rewrite the
 //! file through a temporary file and a rename, so a power cut leaves either the old or the
@@ -32,7 +33,7 @@ pub enum QueueError {
         source: io::Error,
     },
     /// [`MAX_QUEUED`] replies are waiting already.
-    #[error("{MAX_QUEUED} replies are already waiting to be sent")]
+    #[error("{MAX_QUEUED} replies are already waiting for an answer")]
     Full,
 }
 
@@ -158,7 +159,7 @@ impl ReplyQueue {
         Ok(())
     }
 
-    /// Removes the reply with this id (acknowledged by the broker). Returns whether it was
+    /// Removes the reply with this id (answered by the daemon). Returns whether it was
     /// there.
     pub fn remove(&mut self, reply_id: &str) -> Result<bool, QueueError> {
         let before = self.entries.len();

@@ -52,6 +52,16 @@ fn agent_config(url: &str, id: &str, queue: QueueStore) -> AgentConfig {
     c
 }
 
+/// Plays the daemon's answer to a reply: `{"ok":true,...}` with its correlation id.
+async fn answer_ok(w: &Watcher, cid: &str, reply_id: &str) {
+    w.publish(
+        &topics().courier_replies(cid),
+        &json!({"ok": true, "correlation_id": reply_id, "duplicate": false}),
+        false,
+    )
+    .await;
+}
+
 fn is_presence(m: &Msg, cid: &str, state: &str) -> bool {
     m.topic == topics().courier_presence(cid) && m.json["state"] == state
 }
@@ -350,6 +360,9 @@ async fn offline_action_is_replayed_with_its_original_time_after_a_broker_restar
     assert_eq!(got.json["pickup_code"], "4821");
     assert_eq!(got.json["at"].as_i64(), Some(at));
     assert!(at < restarted_at);
+    // Delivered to the broker is not enough: it stays queued until the daemon answers.
+    assert_eq!(agent.status().queued, 1);
+    answer_ok(&w, "k5", reply.reply_id.as_deref().unwrap()).await;
     agent.wait_for(DEADLINE, |s| s.queued == 0).await.unwrap();
     assert!(file_lines(&qpath).is_empty());
 
@@ -421,6 +434,7 @@ async fn coverage_lost_and_back_keeps_the_session_and_replays() {
         })
         .await;
     assert_eq!(got.json["at"].as_i64(), reply.at);
+    answer_ok(&w, "k7", reply.reply_id.as_deref().unwrap()).await;
     let s = agent
         .wait_for(DEADLINE, |s| {
             s.queued == 0 && s.job.as_ref().and_then(|j| j.call_id.as_deref()) == Some("c-800")
@@ -471,6 +485,7 @@ async fn a_corrupt_queue_line_is_reported_and_skipped() {
     assert_eq!(got.json["reply_id"], "rid-601");
     assert_eq!(got.json["call_id"], "c-601");
     assert_eq!(got.json["at"].as_i64(), Some(old_at));
+    answer_ok(&w, "k6", "rid-601").await;
     agent.wait_for(DEADLINE, |s| s.queued == 0).await.unwrap();
     assert!(file_lines(&qpath).is_empty());
     let aside = file_lines(&dir.path().join("k6.queue.corrupt"));
@@ -572,8 +587,10 @@ async fn a_fleet_answers_offers_and_completes_picked_up_jobs() {
         shift_off_mean: Duration::from_secs(1),
         queue_dir: None,
         json: true,
+        pickup_codes: None,
     };
     let fleet = courier_agent::fleet::Fleet::start(cfg).unwrap();
+    let fleet_codes = fleet.codes();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(fleet.run(async {
         let _ = stop_rx.await;
@@ -586,12 +603,31 @@ async fn a_fleet_answers_offers_and_completes_picked_up_jobs() {
             >= 3
     })
     .await;
+    let codes = fleet_codes;
     w.publish(&t.courier_job("f-002"), &offer("c-700"), true)
         .await;
     let r = w
         .wait("an answer", |m| m.topic == t.courier_job_reply("f-002"))
         .await;
     assert_eq!(r.json["action"], "accept");
+    // The daemon assigns; the driver hands over the code the kiosk got; the courier
+    // collects the parcel with it.
+    w.publish(&t.courier_job("f-002"), &assigned("c-700"), true)
+        .await;
+    codes
+        .send(courier_agent::codes::PickupCode {
+            call_id: "c-700".into(),
+            code: "246810".into(),
+        })
+        .await
+        .unwrap();
+    let p = w
+        .wait("picked_up with the code", |m| {
+            m.topic == t.courier_job_reply("f-002") && m.json["action"] == "picked_up"
+        })
+        .await;
+    assert_eq!(p.json["pickup_code"], "246810");
+    assert_eq!(p.json["call_id"], "c-700");
     // The daemon confirms the pickup; the courier completes after the delay.
     let mut picked = assigned("c-700");
     picked["kind"] = json!("picked_up");
@@ -604,4 +640,139 @@ async fn a_fleet_answers_offers_and_completes_picked_up_jobs() {
     assert_eq!(c.json["call_id"], "c-700");
     let _ = stop_tx.send(());
     run.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_stays_queued_and_is_sent_again_until_the_daemon_answers() {
+    let broker = Mosquitto::start();
+    let t = topics();
+    let (tx, mut events) = mpsc::channel(256);
+    let mut cfg = agent_config(&broker.url(), "k8", QueueStore::Memory);
+    cfg.answer_timeout = Duration::from_millis(200);
+    let agent = Agent::spawn(cfg, tx).unwrap();
+    agent
+        .wait_for(DEADLINE, |s| s.link == LinkState::Online)
+        .await
+        .unwrap();
+    // No daemon listens yet (a broker that has just restarted): the broker takes the
+    // reply and drops it.
+    let reply = agent
+        .send_reply(pickup_protocol::JobReply {
+            call_id: "c-880".into(),
+            action: pickup_protocol::JobAction::Completed,
+            reply_id: None,
+            reason: None,
+            pickup_code: None,
+            at: None,
+        })
+        .await
+        .unwrap();
+    let rid = reply.reply_id.clone().unwrap();
+    // The daemon subscribes later and sees the reply again, more than once while it
+    // does not answer.
+    let w = Watcher::start(broker.port, &[t.courier_job_reply("k8")]).await;
+    let copies = |w: &Watcher| {
+        w.all()
+            .iter()
+            .filter(|m| m.json["reply_id"] == rid.as_str())
+            .count()
+    };
+    wait_until_async("the reply sent again twice", || copies(&w) >= 2).await;
+    for m in w.all() {
+        assert_eq!(m.json["at"].as_i64(), reply.at, "the original time");
+    }
+    assert_eq!(agent.status().queued, 1);
+    // "busy" asks for later: still queued, sent again.
+    let seen = copies(&w);
+    w.publish(
+        &t.courier_replies("k8"),
+        &json!({"ok": false, "correlation_id": rid, "error": {"code": "busy", "message": "later", "retry_after_ms": 100}}),
+        false,
+    )
+    .await;
+    wait_until_async("a copy after busy", || copies(&w) > seen).await;
+    assert_eq!(agent.status().queued, 1);
+    answer_ok(&w, "k8", &rid).await;
+    agent.wait_for(DEADLINE, |s| s.queued == 0).await.unwrap();
+
+    // A definitive refusal also settles a reply (the courier may act again).
+    let refused = agent
+        .send_reply(pickup_protocol::JobReply {
+            call_id: "c-881".into(),
+            action: pickup_protocol::JobAction::Completed,
+            reply_id: None,
+            reason: None,
+            pickup_code: None,
+            at: None,
+        })
+        .await
+        .unwrap();
+    let rid2 = refused.reply_id.clone().unwrap();
+    w.wait("the second reply", |m| m.json["reply_id"] == rid2.as_str())
+        .await;
+    w.publish(
+        &t.courier_replies("k8"),
+        &json!({"ok": false, "correlation_id": rid2, "error": {"code": "invalid_state", "message": "no"}}),
+        false,
+    )
+    .await;
+    agent.wait_for(DEADLINE, |s| s.queued == 0).await.unwrap();
+
+    let mut delivered = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let EventKind::Delivered { reply_id } = ev.kind {
+            delivered.push(reply_id);
+        }
+    }
+    assert_eq!(delivered, vec![rid, rid2]);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_handed_over_lets_the_policy_pick_up_and_complete() {
+    let broker = Mosquitto::start();
+    let t = topics();
+    let w = Watcher::start(broker.port, &[t.courier_job_reply("k9")]).await;
+    let (tx, _events) = mpsc::channel(256);
+    let mut cfg = agent_config(&broker.url(), "k9", QueueStore::Memory);
+    cfg.policy.auto_answer = true;
+    cfg.policy.complete_after = Some(Duration::from_millis(20));
+    let agent = Agent::spawn(cfg, tx).unwrap();
+    agent
+        .wait_for(DEADLINE, |s| s.link == LinkState::Online)
+        .await
+        .unwrap();
+    assert!(agent.provide_code("bad/id", "1").await.is_err());
+
+    // Code after the job.
+    w.publish(&t.courier_job("k9"), &assigned("c-900"), true)
+        .await;
+    agent.wait_for(DEADLINE, |s| s.job.is_some()).await.unwrap();
+    agent.provide_code("c-900", "123456").await.unwrap();
+    let p = w
+        .wait("picked_up c-900", |m| {
+            m.json["action"] == "picked_up" && m.json["call_id"] == "c-900"
+        })
+        .await;
+    assert_eq!(p.json["pickup_code"], "123456");
+    answer_ok(&w, "k9", p.json["reply_id"].as_str().unwrap()).await;
+    let mut picked = assigned("c-900");
+    picked["kind"] = json!("picked_up");
+    w.publish(&t.courier_job("k9"), &picked, true).await;
+    w.wait("completed c-900", |m| {
+        m.json["action"] == "completed" && m.json["call_id"] == "c-900"
+    })
+    .await;
+
+    // Code before the job.
+    agent.provide_code("c-901", "654321").await.unwrap();
+    w.publish(&t.courier_job("k9"), &assigned("c-901"), true)
+        .await;
+    let p = w
+        .wait("picked_up c-901", |m| {
+            m.json["action"] == "picked_up" && m.json["call_id"] == "c-901"
+        })
+        .await;
+    assert_eq!(p.json["pickup_code"], "654321");
+    agent.shutdown().await;
 }

@@ -56,8 +56,12 @@ pub struct Config {
     pub dispatch: DispatchSection,
     /// Admission limits.
     pub limits: Limits,
+    /// Admission control for new calls: per-client rate, queue high water, breaker.
+    pub admission: crate::app::admission::AdmissionConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Customer notifications.
     pub notifications: NotificationsConfig,
     /// Prices.
@@ -75,7 +79,9 @@ impl Default for Config {
             broker: pickup_broker::BrokerConfig::default(),
             dispatch: DispatchSection::default(),
             limits: Limits::default(),
+            admission: crate::app::admission::AdmissionConfig::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
             notifications: NotificationsConfig::default(),
             tariff: crate::tariff::Tariff::default(),
             scales: Vec::new(),
@@ -93,6 +99,9 @@ pub struct StoreConfig {
     pub queue: usize,
     /// Jobs group-committed in one transaction at most.
     pub max_batch: usize,
+    /// Finished calls older than this are deleted (with their events) and their retained
+    /// state topics cleared, days; 0 keeps everything.
+    pub retention_days: u32,
 }
 
 impl Default for StoreConfig {
@@ -101,6 +110,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("./data/pickupd.db"),
             queue: 1024,
             max_batch: 256,
+            retention_days: 30,
         }
     }
 }
@@ -219,6 +229,30 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
         }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` for the Prometheus endpoint (`/metrics`); empty turns it off. Keep it
+    /// on loopback: it has no authentication.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address, when metrics are on.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "metrics.listen",
+                "must be an address like 127.0.0.1:9187, or empty",
+            )
+        })
     }
 }
 
@@ -399,6 +433,9 @@ impl Config {
         }
         if serde_json::to_value(&self.broker).ok() != serde_json::to_value(&new.broker).ok() {
             v.push("broker");
+        }
+        if self.metrics.listen != new.metrics.listen {
+            v.push("metrics.listen");
         }
         if self.limits.inbound_queue != new.limits.inbound_queue
             || self.limits.read_queue != new.limits.read_queue

@@ -94,6 +94,17 @@ pub enum Command {
         /// Call id.
         call_id: String,
     },
+    /// Copy the live database to FILE (SQLite online backup; safe while pickupd runs).
+    Backup {
+        /// The copy to write (must not exist).
+        file: std::path::PathBuf,
+        /// The database (default: store.path from the daemon's settings).
+        #[arg(long)]
+        db: Option<std::path::PathBuf>,
+        /// The daemon's settings file (default: /etc/pickupd/pickupd.toml when present).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print call state changes as they happen (retained state topics).
     Watch {
         /// Only this call.
@@ -244,6 +255,23 @@ pub async fn run(c: Common, cmd: Command) -> anyhow::Result<()> {
             let (r, _rx, t) = connect(&c, vec![]).await?;
             let raw = r.request(&t.call_get(&call_id), json!({}), timeout).await?;
             print_answer::<CallAnswer>(&c, &raw, |a| describe(&a.call))
+        }
+        Command::Backup { file, db, config } => {
+            let db = match db {
+                Some(p) => p,
+                None => {
+                    crate::config::Config::load(config.as_deref(), std::env::vars())?
+                        .store
+                        .path
+                }
+            };
+            crate::store::backup(&db, &file)?;
+            if c.json {
+                println!("{}", json!({"ok": true, "from": db, "to": file}));
+            } else {
+                println!("backed up {} to {}", db.display(), file.display());
+            }
+            Ok(())
         }
         Command::Watch { call_id, count } => {
             let topics = Topics::new(&c.site)?;

@@ -13,6 +13,7 @@
 //! - [`ctl`]: what `pickupctl` does;
 //! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
 //! - [`logging`]: log setup;
+//! - [`metrics`]: the optional Prometheus endpoint;
 //! - [`systemd`]: readiness, status, watchdog (sd_notify).
 
 pub mod app;
@@ -22,6 +23,7 @@ pub mod ctl;
 pub mod demo;
 pub mod dispatch;
 pub mod logging;
+pub mod metrics;
 pub mod scale;
 pub mod store;
 pub mod systemd;

@@ -79,6 +79,8 @@ impl Tariff {
 }
 
 pub use crate::dispatch::geo::haversine_m;
+#[cfg(test)]
+use crate::dispatch::geo::EARTH_RADIUS_M;
 
 /// Distance between two locations, metres.
 pub fn distance_m(a: &Location, b: &Location) -> f64 {

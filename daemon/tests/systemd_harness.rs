@@ -245,3 +245,131 @@ fn sighup_reloads_live_settings_and_names_the_rest() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The radius set by a reload is the one the next assignment uses.
+#[test]
+fn sighup_radius_decides_the_next_assignment() {
+    use pickup_protocol::client::{link, BrokerUrl, LinkOptions, Requester};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let sock = dir.path().join("notify.sock");
+    let mut sd = Systemd::bind(&sock);
+    let d = start(dir.path(), &config, &sock, 0, None);
+    sd.wait_for("READY=1");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = BrokerUrl {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let reload = |radius: &str, sd: &mut Systemd| {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let base = text.split("[dispatch]").next().unwrap().to_string();
+        std::fs::write(&config, format!("{base}[dispatch]\nradius_m = {radius}\n")).unwrap();
+        let before = sd.seen.len();
+        signal(&d.child, libc::SIGHUP);
+        // READY=1 after RELOADING=1 means the reload was applied.
+        let end = Instant::now() + DEADLINE;
+        loop {
+            sd.collect(Duration::from_millis(50));
+            let after: Vec<&String> = sd.seen[before..].iter().map(|(_, m)| m).collect();
+            if let Some(i) = after.iter().position(|m| m.contains("RELOADING=1")) {
+                if after[i..].iter().any(|m| m.contains("READY=1")) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < end, "no reload");
+        }
+    };
+    reload("100.0", &mut sd);
+    rt.block_on(async {
+        // A courier about 560 m from the pickup point.
+        let (courier, mut ev) = link(&LinkOptions::new(url.clone(), "courier-k1"));
+        tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        courier
+            .publish(
+                "pickup/v1/test/couriers/k1/presence",
+                true,
+                true,
+                br#"{"state":"online","available":true,"vehicle":"car"}"#.to_vec(),
+                None,
+            )
+            .await
+            .unwrap();
+        courier
+            .publish(
+                "pickup/v1/test/couriers/k1/location",
+                true,
+                false,
+                br#"{"lat":37.505,"lon":127.0}"#.to_vec(),
+                None,
+            )
+            .await
+            .unwrap();
+        let (kiosk, _rx) = Requester::connect(
+            LinkOptions::new(url.clone(), "kiosk-k"),
+            "pickup/v1/test/kiosks/k/replies".into(),
+            vec![],
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+        let a = kiosk
+            .request(
+                "pickup/v1/test/calls/create",
+                json!({"request_id":"r1","tel":"010-1234-5678","location":{"lat":37.5,"lon":127.0},"parcel":{"class":"light"}}),
+                DEADLINE,
+            )
+            .await
+            .unwrap();
+        let id = a["call"]["call_id"].as_str().unwrap().to_string();
+        // Give the courier's reports time to land, then: still waiting (radius 100 m).
+        let end = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < end {
+            let g = kiosk
+                .request(&format!("pickup/v1/test/calls/{id}/get"), json!({}), DEADLINE)
+                .await
+                .unwrap();
+            assert_eq!(g["call"]["status"], "dispatching", "{g}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        id
+    });
+    reload("5000.0", &mut sd);
+    rt.block_on(async {
+        let (kiosk, _rx) = Requester::connect(
+            LinkOptions::new(url.clone(), "kiosk-k2"),
+            "pickup/v1/test/kiosks/k2/replies".into(),
+            vec![],
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let n: i64 = rusqlite::Connection::open(dir.path().join("p.db"))
+                .unwrap()
+                .query_row(
+                    "SELECT count(*) FROM calls WHERE status = 'assigned'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            if n == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "not assigned after widening the radius"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(kiosk);
+    });
+}

@@ -603,35 +603,15 @@ impl Requester {
         mut body: serde_json::Value,
         timeout: Duration,
     ) -> Result<serde_json::Value, LinkError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let corr = format!("{:x}-{n}", self.nonce);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().await.insert(corr.clone(), tx);
-        let props = if self.link.is_v5() {
-            Some(PublishProps {
-                response_topic: Some(self.reply_topic.clone()),
-                correlation_data: Some(corr.clone().into_bytes()),
-                message_expiry_s: None,
-            })
-        } else {
+        let corr = self.next_correlation();
+        if !self.link.is_v5() {
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("reply_to".into(), self.reply_topic.clone().into());
                 obj.insert("correlation_id".into(), corr.clone().into());
             }
-            None
-        };
-        let payload = serde_json::to_vec(&body).map_err(|e| LinkError::BadAnswer(e.to_string()))?;
-        self.link
-            .publish(topic, true, false, payload, props.as_ref())
-            .await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(LinkError::Closed("event loop ended".into())),
-            Err(_) => {
-                self.pending.lock().await.remove(&corr);
-                Err(LinkError::Timeout(timeout))
-            }
         }
+        let payload = serde_json::to_vec(&body).map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+        self.send_and_wait(topic, payload, corr, timeout).await
     }
 
     /// Sends raw bytes as a request with the reply path as MQTT 5 properties only (the
@@ -643,18 +623,37 @@ impl Requester {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<serde_json::Value, LinkError> {
+        let corr = self.next_correlation();
+        self.send_and_wait(topic, payload, corr, timeout).await
+    }
+
+    fn next_correlation(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let corr = format!("{:x}-{n}", self.nonce);
+        format!("{:x}-{n}", self.nonce)
+    }
+
+    async fn send_and_wait(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        corr: String,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, LinkError> {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().await.insert(corr.clone(), tx);
-        let props = PublishProps {
+        let props = self.link.is_v5().then(|| PublishProps {
             response_topic: Some(self.reply_topic.clone()),
             correlation_data: Some(corr.clone().into_bytes()),
             message_expiry_s: None,
-        };
-        self.link
-            .publish(topic, true, false, payload, Some(&props))
-            .await?;
+        });
+        if let Err(e) = self
+            .link
+            .publish(topic, true, false, payload, props.as_ref())
+            .await
+        {
+            self.pending.lock().await.remove(&corr);
+            return Err(e);
+        }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(LinkError::Closed("event loop ended".into())),

@@ -518,6 +518,10 @@ pub struct DaemonState {
     /// When this was published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<Millis>,
+    /// State of the breaker around call acceptance: `closed` (taking calls), `open`
+    /// (refusing new calls with `busy`), `half_open` (letting a few through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<String>,
 }
 
 /// A customer message handed to the relay on `notifications`.

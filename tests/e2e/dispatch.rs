@@ -259,3 +259,40 @@ async fn a_courier_coming_online_later_gets_the_waiting_call() {
     assert!(scooter.last_job().is_none());
     d.shutdown(DEADLINE).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_counts_calls_and_couriers() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.metrics.listen = "127.0.0.1:0".into();
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let addr = d.metrics_addr.expect("metrics on");
+    let courier = TestCourier::online(d.broker_addr, "test", "k1", "car", 37.5, 127.0).await;
+    courier_known(&db, "k1").await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "kiosk-1", Version::V4).await;
+    let a = kiosk.create(kiosk.call_body("m-1")).await;
+    courier
+        .wait_job(JobKind::Assigned, a["call"]["call_id"].as_str().unwrap())
+        .await;
+    let scrape = move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    wait_until("metrics show the assignment", || async move {
+        let m = tokio::task::spawn_blocking(scrape).await.unwrap();
+        m.starts_with("HTTP/1.1 200")
+            && m.contains("pickupd_call_events_total{kind=\"assigned\"} 1")
+            && m.contains("pickupd_couriers_online 1")
+            && m.contains("pickupd_assignment_latency_seconds_count 1")
+            && m.contains("pickupd_broker_connected 1")
+            && m.contains("pickupd_store_commit_seconds_count")
+    })
+    .await;
+    d.shutdown(DEADLINE).await.unwrap();
+}

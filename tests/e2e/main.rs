@@ -2,5 +2,9 @@
 //! SQLite file in a temp dir, kiosks and couriers as real MQTT clients on loopback.
 
 mod bad_input;
+mod couriers;
 mod dispatch;
 mod external;
+mod overload;
+mod recovery;
+mod scale;

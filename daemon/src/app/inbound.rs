@@ -38,6 +38,17 @@ pub enum Input {
     Reload(Box<crate::config::Config>),
 }
 
+/// Settings of the inbound side that a reload may change.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Heavy threshold for parcel validation.
+    pub heavy_kg: f64,
+    /// Admission control.
+    pub admission: super::admission::AdmissionConfig,
+    /// Calls waiting for a courier before new calls are refused.
+    pub max_dispatching: usize,
+}
+
 /// A status read for the reader.
 #[derive(Debug)]
 pub struct GetRequest {
@@ -58,6 +69,8 @@ pub struct MqttState {
     pub stopping: AtomicBool,
     /// Messages dropped as malformed.
     pub rejected: AtomicU64,
+    /// Creates refused with `busy`.
+    pub shed: AtomicU64,
 }
 
 /// Everything the inbound task needs.
@@ -74,8 +87,16 @@ pub struct InboundCtx {
     pub publisher: mpsc::UnboundedSender<PubIn>,
     /// Flags.
     pub state: Arc<MqttState>,
-    /// Heavy threshold for parcel validation.
-    pub heavy_kg: watch::Receiver<f64>,
+    /// Settings that change on reload.
+    pub live: watch::Receiver<Live>,
+    /// Admission control (owned by this task).
+    pub admission: super::admission::Admission,
+    /// Counters of the dispatch loop (calls dispatching) and where to show admission.
+    pub stats: Arc<super::Stats>,
+    /// Writer queue depth and commit latency.
+    pub writer_stats: Arc<crate::store::WriterStats>,
+    /// Writer queue capacity.
+    pub writer_capacity: usize,
     /// Reconnect backoff ceiling.
     pub reconnect_max: Duration,
     /// Turns true when the task must end (after the daemon's DISCONNECT).
@@ -86,6 +107,7 @@ pub struct InboundCtx {
 
 /// Runs until told to stop or the client is closed.
 pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
+    let mut live = ctx.live.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), ctx.reconnect_max);
     let mut first = true;
     let mut stop = ctx.stop.clone();
@@ -96,6 +118,14 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
             _ = stop.wait_for(|s| *s) => return,
             _ = idle.tick() => {
                 ctx.beat.beat();
+                let now = crate::store::now_ms();
+                let (state, t) = ctx.admission.state(now);
+                report_admission(&ctx, state, t);
+                continue;
+            }
+            _ = live.changed() => {
+                let l = live.borrow_and_update().clone();
+                ctx.admission.set_config(l.admission);
                 continue;
             }
         };
@@ -118,6 +148,11 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
                 });
                 if !session_present && !first {
                     let _ = ctx.publisher.send(PubIn::SessionLost);
+                }
+                if !session_present || first {
+                    // A broker without our session may also lack the retained state, and
+                    // at start we cannot know what it holds (rumqttd keeps nothing on disk
+                    // and reports kept sessions it does not have): publish it again.
                     let _ = ctx.dispatch.send(Input::Resync).await;
                 }
                 first = false;
@@ -131,7 +166,7 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
             Ok(LinkEvent::PubAck(pkid)) => {
                 let _ = ctx.publisher.send(PubIn::Acked(pkid));
             }
-            Ok(LinkEvent::Message(m)) => route(&ctx, m).await,
+            Ok(LinkEvent::Message(m)) => route(&mut ctx, m).await,
             Ok(LinkEvent::Other) => {}
             Err(e) => {
                 let was = ctx.state.connected.swap(false, Ordering::Relaxed);
@@ -203,7 +238,34 @@ fn busy(ctx: &InboundCtx, path: ReplyPath, retry_after_ms: u64, why: &str) {
     );
 }
 
-async fn route(ctx: &InboundCtx, m: Message) {
+/// Shows the acceptance breaker's state (status line, retained daemon state, log).
+fn report_admission(
+    ctx: &InboundCtx,
+    state: crate::breaker::BreakerState,
+    t: Option<crate::breaker::Transition>,
+) {
+    use crate::breaker::BreakerState;
+    let code = match state {
+        BreakerState::Closed => 0,
+        BreakerState::Open => 1,
+        BreakerState::HalfOpen => 2,
+    };
+    ctx.stats.admission.store(code, Ordering::Relaxed);
+    if let Some(t) = t {
+        if t.to == BreakerState::Open {
+            tracing::warn!(transition = %t, "call admission: shedding new calls");
+        } else {
+            tracing::info!(transition = %t, "call admission");
+        }
+        let _ = ctx.publisher.send(PubIn::Raw(super::daemon_state(
+            &ctx.topics.daemon_state(),
+            pickup_protocol::DaemonStatus::Ready,
+            Some(t.to.as_str()),
+        )));
+    }
+}
+
+async fn route(ctx: &mut InboundCtx, m: Message) {
     let kind = match ctx.topics.parse(&m.topic) {
         Ok(k) => k,
         Err(e) => {
@@ -226,12 +288,39 @@ async fn route(ctx: &InboundCtx, m: Message) {
                 Ok(r) => r,
                 Err(e) => return bad(ctx, &m.topic, path, e.to_body()),
             };
-            let heavy = *ctx.heavy_kg.borrow();
+            let (heavy, max_dispatching) = {
+                let l = ctx.live.borrow();
+                (l.heavy_kg, l.max_dispatching)
+            };
             if let Err(e) = req.validate(heavy) {
                 return bad(ctx, &m.topic, path, ErrorBody::new(ErrorCode::Invalid, e));
             }
             if ctx.state.stopping.load(Ordering::Relaxed) {
                 return busy(ctx, path, 5_000, "pickupd is restarting; retry shortly");
+            }
+            let client = req
+                .kiosk_id
+                .clone()
+                .or_else(|| path.topic.clone())
+                .unwrap_or_else(|| "anonymous".into());
+            let load = super::admission::Load {
+                inbound_queued: ctx.dispatch.max_capacity() - ctx.dispatch.capacity(),
+                inbound_capacity: ctx.dispatch.max_capacity(),
+                writer_queued: ctx.writer_stats.queued.load(Ordering::Relaxed) as usize,
+                writer_capacity: ctx.writer_capacity,
+                dispatching: ctx.stats.dispatching.load(Ordering::Relaxed) as usize,
+                max_dispatching,
+                last_commit_us: ctx.writer_stats.last_commit_us.load(Ordering::Relaxed),
+            };
+            let now = crate::store::now_ms();
+            let (verdict, t) = ctx.admission.admit(&client, load, now);
+            if t.is_some() {
+                let (state, _) = ctx.admission.state(now);
+                report_admission(ctx, state, t);
+            }
+            if let Err(r) = verdict {
+                ctx.state.shed.fetch_add(1, Ordering::Relaxed);
+                return busy(ctx, path, r.retry_after_ms, r.why);
             }
             if let Err(e) = ctx.dispatch.try_send(Input::Create(Box::new(req), path)) {
                 let path = match e.into_inner() {

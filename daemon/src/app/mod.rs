@@ -10,6 +10,7 @@
 //! - the reader (thread): answers status reads from a read-only connection, never waiting
 //!   on writes.
 
+pub mod admission;
 pub mod inbound;
 pub mod publisher;
 
@@ -40,6 +41,8 @@ pub struct Stats {
     pub dispatching: AtomicU64,
     /// Couriers online.
     pub couriers_online: AtomicU64,
+    /// Call admission breaker: 0 closed, 1 open, 2 half-open.
+    pub admission: std::sync::atomic::AtomicU8,
 }
 
 /// A started daemon.
@@ -63,9 +66,13 @@ pub struct Running {
     pub broker: Option<pickup_broker::Broker>,
     /// Progress of the dispatch loop, store writer, MQTT task and publisher (watchdog).
     pub heartbeats: crate::systemd::Heartbeats,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where the metrics endpoint listens, when on.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     dispatch: mpsc::Sender<Input>,
-    heavy_kg: watch::Sender<f64>,
+    heavy_kg: watch::Sender<inbound::Live>,
     config: Config,
     fatal: mpsc::UnboundedReceiver<StoreError>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -76,7 +83,11 @@ impl Running {
     /// tariff, templates, log level) and returns the changed ones that need a restart.
     pub async fn reload(&mut self, new: Config) -> Vec<&'static str> {
         let restart = self.config.needs_restart(&new);
-        let _ = self.heavy_kg.send(new.dispatch.heavy_kg);
+        let _ = self.heavy_kg.send(inbound::Live {
+            heavy_kg: new.dispatch.heavy_kg,
+            admission: new.admission.clone(),
+            max_dispatching: new.limits.max_dispatching,
+        });
         crate::logging::set_level(&new.log.level);
         if self
             .dispatch
@@ -213,6 +224,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             state: DaemonStatus::Lost,
             version: Some(env!("CARGO_PKG_VERSION").into()),
             at: None,
+            admission: None,
         })
         .unwrap_or_default(),
         retain: true,
@@ -273,8 +285,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
     let dispatch_tx_for_reload = dispatch_tx.clone();
     let cfg_for_reload = cfg.clone();
-    let (heavy_tx, heavy_rx) = watch::channel(cfg.dispatch.heavy_kg);
+    let live = |c: &Config| inbound::Live {
+        heavy_kg: c.dispatch.heavy_kg,
+        admission: c.admission.clone(),
+        max_dispatching: c.limits.max_dispatching,
+    };
+    let (heavy_tx, heavy_rx) = watch::channel(live(&cfg));
     let heavy_tx_for_reload = heavy_tx.clone();
+    let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_for_scales = stop_rx.clone();
     let inbound = tokio::spawn(inbound::run(
@@ -286,7 +304,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             reads: read_tx,
             publisher: pub_tx.clone(),
             state: mqtt_state.clone(),
-            heavy_kg: heavy_rx,
+            live: heavy_rx,
+            admission: admission::Admission::new(cfg.admission.clone()),
+            stats: stats.clone(),
+            writer_stats: writer_stats.clone(),
+            writer_capacity: cfg.store.queue,
             reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
             stop: stop_rx,
             beat: heartbeats.register("mqtt"),
@@ -305,7 +327,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 let now =
                     st.subscribed.load(Ordering::Relaxed) && st.connected.load(Ordering::Relaxed);
                 if now && !was {
-                    let _ = pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready)));
+                    let _ =
+                        pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready, None)));
                     let _ = ready_tx.send(true);
                 }
                 was = now;
@@ -347,7 +370,30 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         });
     }
 
-    let stats = Arc::new(Stats::default());
+    // Metrics.
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let _ = writer_stats.commit_hist.set(metrics.commit_latency.clone());
+    let metrics_addr = match cfg.metrics.addr()? {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics.listen: cannot listen on {addr}"))?;
+            let bound = listener.local_addr()?;
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                crate::metrics::Live {
+                    stats: stats.clone(),
+                    mqtt: mqtt_state.clone(),
+                    publisher: publisher_stats.clone(),
+                },
+            ));
+            tracing::info!(listen = %bound, "metrics endpoint");
+            Some(bound)
+        }
+        None => None,
+    };
+
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let reader = Reader::open(&path)?;
     let lp = DispatchLoop {
@@ -363,6 +409,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         heavy_kg: cfg.dispatch.heavy_kg,
         beat: heartbeats.register("dispatch"),
         stall_file: std::env::var_os("PICKUPD_TEST_STALL_FILE").map(PathBuf::from),
+        db: path.clone(),
+        retention_days: cfg.store.retention_days,
+        metrics: metrics.clone(),
     };
     let done = {
         let link = link.clone();
@@ -400,6 +449,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             let _ = pub_tx.send(PubIn::Raw(daemon_state(
                 &topics.daemon_state(),
                 DaemonStatus::Stopping,
+                None,
             )));
             let (tx, rx) = oneshot::channel();
             let _ = pub_tx.send(PubIn::Backlog(tx));
@@ -438,6 +488,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         publisher_stats,
         broker,
         heartbeats,
+        metrics,
+        metrics_addr,
         shutdown: Some(shutdown_tx),
         dispatch: dispatch_tx_for_reload,
         heavy_kg: heavy_tx_for_reload,
@@ -447,13 +499,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
-fn daemon_state(topic: &str, state: DaemonStatus) -> OutMsg {
+/// The retained `daemon/state` message.
+pub fn daemon_state(topic: &str, state: DaemonStatus, admission: Option<&str>) -> OutMsg {
     OutMsg {
         topic: topic.to_string(),
         payload: serde_json::to_vec(&DaemonState {
             state,
             version: Some(env!("CARGO_PKG_VERSION").into()),
             at: Some(now_ms()),
+            admission: admission.map(str::to_string),
         })
         .unwrap_or_default(),
         retain: true,
@@ -517,12 +571,24 @@ struct DispatchLoop {
     /// Test-only fault injection: while this file exists the loop hangs (blocking its
     /// thread), so the watchdog test can see pings stop. Unset in production.
     stall_file: Option<PathBuf>,
+    /// The database, for republishing retained state from a reader of its own.
+    db: PathBuf,
+    /// Retention of finished calls, days (0: keep).
+    retention_days: u32,
+    /// Event counters and the assignment latency histogram.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl DispatchLoop {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut shutdown: oneshot::Receiver<()>) {
         let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Retention runs a minute after start, then every ten minutes, in small batches.
+        let mut retention = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(600),
+        );
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Recovery: timers were restored with their stored times; catch up at once.
         let d = self.core.tick(now_ms());
         self.submit(d, None).await;
@@ -548,6 +614,7 @@ impl DispatchLoop {
                     let d = self.core.tick(now_ms());
                     self.submit(d, None).await;
                 }
+                _ = retention.tick() => self.prune().await,
                 _ = heartbeat.tick() => {
                     // Proves the loop turns and the writer takes work (watchdog).
                     let _ = self.writer.try_send(WriteJob { op: Op::Ping, after: None });
@@ -574,8 +641,110 @@ impl DispatchLoop {
         rx.close();
     }
 
+    /// Deletes finished calls past the retention period, a batch at a time.
+    async fn prune(&mut self) {
+        if self.retention_days == 0 {
+            return;
+        }
+        let before = now_ms().saturating_sub(i64::from(self.retention_days) * 86_400_000);
+        let job = WriteJob {
+            op: Op::Prune {
+                before,
+                limit: 500,
+                topics: self.topics.clone(),
+            },
+            after: None,
+        };
+        if self.writer.send(job).await.is_err() {
+            tracing::warn!("retention: the writer has stopped");
+        }
+    }
+
+    /// Publishes the retained state again: courier jobs from memory, call views from the
+    /// database (live calls and those within the retention period), page by page on a
+    /// blocking thread so the loop is not held up.
+    fn republish(&self, now: Millis) {
+        let jobs = self.core.retained_snapshot(now);
+        let n_mem = jobs.len();
+        for m in jobs {
+            let _ = self.publisher.send(PubIn::Raw(m));
+        }
+        let db = self.db.clone();
+        let topics = self.topics.clone();
+        let publisher = self.publisher.clone();
+        let since = if self.retention_days == 0 {
+            0
+        } else {
+            now.saturating_sub(i64::from(self.retention_days) * 86_400_000)
+        };
+        tokio::task::spawn_blocking(move || {
+            let reader = match Reader::open(&db) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "republish: cannot open the database");
+                    return;
+                }
+            };
+            let mut after = String::new();
+            let mut total = 0usize;
+            loop {
+                let page = match reader.views_page(since, &after, 500) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "republish: read failed");
+                        return;
+                    }
+                };
+                let Some((last, _)) = page.last() else { break };
+                after = last.clone();
+                total += page.len();
+                for (id, view) in page {
+                    let m = OutMsg {
+                        topic: topics.call_state(&id),
+                        payload: view.into_bytes(),
+                        retain: true,
+                        expiry_s: None,
+                    };
+                    if publisher.send(PubIn::Raw(m)).is_err() {
+                        return;
+                    }
+                }
+            }
+            tracing::info!(calls = total, jobs = n_mem, "retained state republished");
+        });
+    }
+
+    /// Counts a decision's events; an assignment also records its latency.
+    fn count(&self, d: &Decision) {
+        use crate::dispatch::Change;
+        for c in &d.changes {
+            if let Change::Event(e) = c {
+                self.metrics
+                    .events
+                    .get_or_create(&crate::metrics::KindLabel {
+                        kind: e.kind.to_string(),
+                    })
+                    .inc();
+                if e.kind == "assigned" {
+                    let created = d.changes.iter().find_map(|c| match c {
+                        Change::Call(call) if Some(&call.id) == e.call_id.as_ref() => {
+                            Some(call.created_at)
+                        }
+                        _ => None,
+                    });
+                    if let Some(created) = created {
+                        self.metrics
+                            .assign_latency
+                            .observe(e.recorded_at.saturating_sub(created).max(0) as f64 / 1000.0);
+                    }
+                }
+            }
+        }
+    }
+
     /// Queues a decision; its answer goes out after the commit that holds it.
     async fn submit(&mut self, d: Decision, path: Option<ReplyPath>) {
+        self.count(&d);
         let after = match (d.reply, path) {
             (Some(body), Some(path)) if path.topic.is_some() => {
                 Some(AfterCommit::Reply(Reply { path, body }))
@@ -772,6 +941,7 @@ impl DispatchLoop {
                 self.max_dispatching = cfg.limits.max_dispatching;
                 self.tariff = cfg.tariff.clone();
                 self.heavy_kg = cfg.dispatch.heavy_kg;
+                self.retention_days = cfg.store.retention_days;
                 tracing::info!(
                     radius_m = cfg.dispatch.radius_m,
                     mode = ?cfg.dispatch.mode,
@@ -779,17 +949,11 @@ impl DispatchLoop {
                 );
             }
             Input::Resync => {
-                let msgs = self.core.retained_snapshot(now);
-                tracing::info!(
-                    count = msgs.len(),
-                    "republishing retained state after the broker lost it"
-                );
-                for m in msgs {
-                    let _ = self.publisher.send(PubIn::Raw(m));
-                }
+                self.republish(now);
                 let _ = self.publisher.send(PubIn::Raw(daemon_state(
                     &self.topics.daemon_state(),
                     DaemonStatus::Ready,
+                    None,
                 )));
             }
         }

@@ -60,12 +60,12 @@ fn better(a: (&Courier, f64), b: (&Courier, f64)) -> bool {
     (a.1, a.0.idle_since, &a.0.id) < (b.1, b.0.idle_since, &b.0.id)
 }
 
-/// Reference search over every courier; the index must give the same answer.
-pub fn best_linear<'a>(
+/// The best eligible courier among `couriers`.
+fn best_of<'a>(
     couriers: impl Iterator<Item = &'a Courier>,
     need: &Need<'_>,
     now: Millis,
-) -> Option<Candidate> {
+) -> Option<(&'a Courier, f64)> {
     let mut best: Option<(&Courier, f64)> = None;
     for c in couriers {
         if let Some(d) = eligible(c, need, now) {
@@ -74,10 +74,23 @@ pub fn best_linear<'a>(
             }
         }
     }
-    best.map(|(c, d)| Candidate {
+    best
+}
+
+fn candidate((c, d): (&Courier, f64)) -> Candidate {
+    Candidate {
         courier_id: c.id.clone(),
         distance_m: d,
-    })
+    }
+}
+
+/// Reference search over every courier; the index must give the same answer.
+pub fn best_linear<'a>(
+    couriers: impl Iterator<Item = &'a Courier>,
+    need: &Need<'_>,
+    now: Millis,
+) -> Option<Candidate> {
+    best_of(couriers, need, now).map(candidate)
 }
 
 type Cell = (i32, i32);
@@ -136,28 +149,14 @@ impl GridIndex {
             // A huge radius: scanning the occupied cells is cheaper than the empty ones.
             return best_linear(couriers.values(), need, now);
         }
-        let mut best: Option<(&Courier, f64)> = None;
-        for la in lat0..=lat1 {
-            for lo in lon0..=lon1 {
-                // Longitudes past ±180 wrap; the grid keeps them apart, which only matters
-                // for pickup centres on the antimeridian.
-                let Some(ids) = self.cells.get(&(la, lo)) else {
-                    continue;
-                };
-                for id in ids {
-                    let Some(c) = couriers.get(id) else { continue };
-                    if let Some(d) = eligible(c, need, now) {
-                        if best.is_none_or(|b| better((c, d), b)) {
-                            best = Some((c, d));
-                        }
-                    }
-                }
-            }
-        }
-        best.map(|(c, d)| Candidate {
-            courier_id: c.id.clone(),
-            distance_m: d,
-        })
+        let cells = (lat0..=lat1)
+            .flat_map(|la| (lon0..=lon1).map(move |lo| (la, lo)))
+            // Longitudes past ±180 wrap; the grid keeps them apart, which only matters
+            // for pickup centres on the antimeridian.
+            .filter_map(|cell| self.cells.get(&cell))
+            .flatten()
+            .filter_map(|id| couriers.get(id));
+        best_of(cells, need, now).map(candidate)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Distances on the Earth's surface, good enough for a city: haversine on a sphere.
 
 /// Mean Earth radius in metres.
-const EARTH_RADIUS_M: f64 = 6_371_008.8;
+pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
 
 /// Great-circle distance in metres between two WGS84 points.
 pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {

@@ -273,6 +273,17 @@ pub enum Op {
     MarkSent(Vec<i64>),
     /// Liveness check: proves the writer is taking work.
     Ping,
+    /// Retention: delete finished calls (and their rows) last changed before `before`,
+    /// at most `limit` of them, queueing an empty retained message for each call's state
+    /// topic; also drop sent outbox rows older than `before`.
+    Prune {
+        /// Cut-off, unix ms.
+        before: Millis,
+        /// Most calls per transaction (keeps commits short).
+        limit: usize,
+        /// Topics of the site.
+        topics: pickup_protocol::Topics,
+    },
 }
 
 /// A job in the writer's queue: work, and what to hand on once it is committed.
@@ -304,6 +315,8 @@ pub struct WriterStats {
     pub last_commit_us: AtomicU64,
     /// Jobs waiting in the queue (approximate).
     pub queued: AtomicU64,
+    /// Commit durations, when metrics are on.
+    pub commit_hist: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Handle to the writer thread.
@@ -400,6 +413,9 @@ fn writer_loop<R>(
             Ok(outbox) => {
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.last_commit_us.store(us, Ordering::Relaxed);
+                if let Some(h) = stats.commit_hist.get() {
+                    h.observe(us as f64 / 1e6);
+                }
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(n, Ordering::Relaxed);
                 stats.queued.fetch_sub(
@@ -441,6 +457,44 @@ fn apply_batch<R>(
     for job in batch {
         match &job.op {
             Op::Ping => {}
+            Op::Prune {
+                before,
+                limit,
+                topics,
+            } => {
+                let ids: Vec<String> = tx
+                    .prepare_cached(
+                        "SELECT id FROM calls WHERE status IN ('completed', 'cancelled', 'failed')
+                         AND updated_at < ?1 ORDER BY updated_at LIMIT ?2",
+                    )?
+                    .query_map(params![before, *limit as i64], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for id in &ids {
+                    tx.prepare_cached("DELETE FROM events WHERE call_id = ?1")?
+                        .execute([id])?;
+                    tx.prepare_cached("DELETE FROM requests WHERE call_id = ?1")?
+                        .execute([id])?;
+                    tx.prepare_cached("DELETE FROM courier_replies WHERE call_id = ?1")?
+                        .execute([id])?;
+                    tx.prepare_cached("DELETE FROM assignments WHERE call_id = ?1")?
+                        .execute([id])?;
+                    tx.prepare_cached("DELETE FROM calls WHERE id = ?1")?
+                        .execute([id])?;
+                    // An empty retained message clears the call's state topic.
+                    let m = OutMsg {
+                        topic: topics.call_state(id),
+                        payload: Vec::new(),
+                        retain: true,
+                        expiry_s: None,
+                    };
+                    apply_change(&tx, &Change::Outbox(m), now, &mut outbox)?;
+                }
+                tx.prepare_cached("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?1")?
+                    .execute([before])?;
+                if !ids.is_empty() {
+                    tracing::info!(calls = ids.len(), "retention: pruned finished calls");
+                }
+            }
             Op::MarkSent(ids) => {
                 let mut st = tx.prepare_cached("UPDATE outbox SET sent_at = ?2 WHERE id = ?1")?;
                 for id in ids {
@@ -576,6 +630,49 @@ fn apply_change(
     Ok(())
 }
 
+/// Copies the live database at `from` into a new file `to` with SQLite's online backup,
+/// while the daemon keeps running (WAL readers do not block the writer). The copy is
+/// checked with `quick_check` before this returns.
+pub fn backup(from: &Path, to: &Path) -> Result<(), StoreError> {
+    if to.exists() {
+        return Err(StoreError::Io {
+            path: to.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite"),
+        });
+    }
+    let src =
+        Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sq(from))?;
+    src.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(sq(from))?;
+    {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to)
+            .map_err(|source| StoreError::Io {
+                path: to.to_path_buf(),
+                source,
+            })?;
+    }
+    let mut dst = Connection::open(to).map_err(sq(to))?;
+    {
+        let b = rusqlite::backup::Backup::new(&src, &mut dst).map_err(sq(to))?;
+        b.run_to_completion(256, std::time::Duration::from_millis(5), None)
+            .map_err(sq(to))?;
+    }
+    let check: String = dst
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(sq(to))?;
+    if check != "ok" {
+        return Err(StoreError::Damaged {
+            path: to.to_path_buf(),
+            detail: check,
+        });
+    }
+    Ok(())
+}
+
 /// A read-only connection for status reads and lookups; never blocks the writer (WAL).
 pub struct Reader {
     conn: Connection,
@@ -656,6 +753,26 @@ impl Reader {
         self.conn
             .prepare_cached("SELECT count(*) FROM outbox WHERE sent_at IS NULL")?
             .query_row([], |r| r.get(0))
+    }
+
+    /// Public views of calls that still have a retained state topic: live ones and those
+    /// finished since `since`, in pages of `limit` after `after_id` (for republishing).
+    pub fn views_page(
+        &self,
+        since: Millis,
+        after_id: &str,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<(String, String)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, view FROM calls WHERE id > ?1
+                   AND (status NOT IN ('completed', 'cancelled', 'failed') OR updated_at >= ?2)
+                 ORDER BY id LIMIT ?3",
+            )?
+            .query_map(params![after_id, since, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect()
     }
 
     /// The underlying connection (operator queries).

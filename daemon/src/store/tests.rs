@@ -151,3 +151,94 @@ async fn writer_commits_groups_and_hands_on_outbox_rows() {
         .unwrap();
     assert_eq!(events, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_finished_calls_and_clears_their_state_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let conn = open(&path).unwrap();
+    let (ctx, mut crx) = mpsc::unbounded_channel();
+    let (ftx, _frx) = mpsc::unbounded_channel();
+    let (w, _h) = Writer::<u32>::spawn(conn, path.clone(), 64, 32, ctx, ftx, None).unwrap();
+    // One live call (created at t=1000) and one cancelled at t=1000.
+    let mut d = Dispatcher::new(DispatchConfig::default(), Topics::new("t").unwrap());
+    let mk = |id: &str| NewCall {
+        id: id.into(),
+        pickup_code: "1".into(),
+        req: CreateCall {
+            request_id: format!("r-{id}"),
+            tel: "010-1234-5678".into(),
+            location: Location {
+                lat: 37.5,
+                lon: 127.0,
+                label: None,
+            },
+            parcel: Parcel {
+                class: ParcelClass::Light,
+                weight_kg: None,
+                weight_source: None,
+            },
+            kiosk_id: None,
+            scale_id: None,
+            destination: None,
+        },
+        price: None,
+        class_corrected: None,
+        correlation: None,
+    };
+    let mut changes = d.create_call(mk("live"), 1_000).changes;
+    changes.extend(d.create_call(mk("old"), 1_000).changes);
+    changes.extend(
+        d.cancel_call(
+            "old",
+            None,
+            crate::dispatch::CancelledBy::Customer,
+            None,
+            1_000,
+        )
+        .changes,
+    );
+    w.send(WriteJob {
+        op: Op::Apply(changes),
+        after: Some(1),
+    })
+    .await
+    .unwrap();
+    crx.recv().await.unwrap();
+    let topics = Topics::new("t").unwrap();
+    w.send(WriteJob {
+        op: Op::Prune {
+            before: 5_000,
+            limit: 10,
+            topics: topics.clone(),
+        },
+        after: Some(2),
+    })
+    .await
+    .unwrap();
+    let c = crx.recv().await.unwrap();
+    assert_eq!(c.outbox.len(), 1);
+    assert_eq!(c.outbox[0].1.topic, topics.call_state("old"));
+    assert!(c.outbox[0].1.payload.is_empty() && c.outbox[0].1.retain);
+    let r = Reader::open(&path).unwrap();
+    assert!(r.call("old").unwrap().is_none());
+    assert!(
+        r.call("live").unwrap().is_some(),
+        "live calls are never pruned"
+    );
+    let events: i64 = r
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM events WHERE call_id = 'old'",
+            [],
+            |x| x.get(0),
+        )
+        .unwrap();
+    assert_eq!(events, 0);
+    // Backup of the live file.
+    let copy = dir.path().join("copy.db");
+    backup(&path, &copy).unwrap();
+    let rc = Reader::open(&copy).unwrap();
+    assert!(rc.call("live").unwrap().is_some());
+    assert!(backup(&path, &copy).is_err(), "never overwrites");
+}

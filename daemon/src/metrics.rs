@@ -1,0 +1,209 @@
+//! Optional Prometheus endpoint (`[metrics] listen = "127.0.0.1:9187"`): calls by status,
+//! assignment latency, couriers online, outbox backlog, broker connection, admission state,
+//! store commit latency. A plain HTTP/1.1 responder on localhost, so no web framework is
+//! pulled in for one GET.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Label of the per-event counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Event kind (`requested`, `assigned`, `completed`, …).
+    pub kind: String,
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Call events by kind (status transitions and courier actions).
+    pub events: Family<KindLabel, Counter>,
+    /// From acceptance to assignment, seconds.
+    pub assign_latency: Histogram,
+    /// Duration of store commits, seconds.
+    pub commit_latency: Histogram,
+    /// Calls waiting for a courier.
+    pub dispatching: Gauge,
+    /// Couriers online.
+    pub couriers_online: Gauge,
+    /// Outbox rows not yet acknowledged by the broker.
+    pub outbox_backlog: Gauge,
+    /// 1 when connected to the broker.
+    pub broker_connected: Gauge,
+    /// Call admission breaker: 0 closed, 1 open, 2 half-open.
+    pub admission_state: Gauge,
+    /// Creates refused with `busy`.
+    pub shed_total: Counter,
+    /// Messages refused as malformed or invalid.
+    pub rejected_total: Counter,
+    shed_seen: AtomicU64,
+    rejected_seen: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `pickupd_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pickupd");
+        let events = Family::<KindLabel, Counter>::default();
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        let assign_latency = Histogram::new(buckets);
+        let commit_latency = Histogram::new([
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+        ]);
+        let m = Self {
+            registry: Registry::default(),
+            events: events.clone(),
+            assign_latency: assign_latency.clone(),
+            commit_latency: commit_latency.clone(),
+            dispatching: Gauge::default(),
+            couriers_online: Gauge::default(),
+            outbox_backlog: Gauge::default(),
+            broker_connected: Gauge::default(),
+            admission_state: Gauge::default(),
+            shed_total: Counter::default(),
+            rejected_total: Counter::default(),
+            shed_seen: AtomicU64::new(0),
+            rejected_seen: AtomicU64::new(0),
+        };
+        registry.register("call_events", "Call events by kind", events);
+        registry.register(
+            "assignment_latency_seconds",
+            "Time from acceptance to assignment",
+            assign_latency,
+        );
+        registry.register(
+            "store_commit_seconds",
+            "Duration of store commits (group commits)",
+            commit_latency,
+        );
+        registry.register(
+            "calls_dispatching",
+            "Calls waiting for a courier",
+            m.dispatching.clone(),
+        );
+        registry.register(
+            "couriers_online",
+            "Couriers online",
+            m.couriers_online.clone(),
+        );
+        registry.register(
+            "outbox_backlog",
+            "Outbox rows not yet acknowledged by the broker",
+            m.outbox_backlog.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 when connected to the broker",
+            m.broker_connected.clone(),
+        );
+        registry.register(
+            "admission_state",
+            "Call admission breaker: 0 closed, 1 open, 2 half-open",
+            m.admission_state.clone(),
+        );
+        registry.register(
+            "calls_shed",
+            "Creates refused with busy",
+            m.shed_total.clone(),
+        );
+        registry.register(
+            "messages_rejected",
+            "Messages refused as malformed or invalid",
+            m.rejected_total.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Brings gauges up to date from the live counters, then renders the text format.
+    pub fn render(&self, live: &Live) -> String {
+        self.dispatching
+            .set(live.stats.dispatching.load(Ordering::Relaxed) as i64);
+        self.couriers_online
+            .set(live.stats.couriers_online.load(Ordering::Relaxed) as i64);
+        self.admission_state
+            .set(i64::from(live.stats.admission.load(Ordering::Relaxed)));
+        self.outbox_backlog
+            .set(live.publisher.unacked.load(Ordering::Relaxed) as i64);
+        self.broker_connected
+            .set(i64::from(live.mqtt.connected.load(Ordering::Relaxed)));
+        let shed = live.mqtt.shed.load(Ordering::Relaxed);
+        let before = self.shed_seen.swap(shed, Ordering::Relaxed);
+        self.shed_total.inc_by(shed.saturating_sub(before));
+        let rejected = live.mqtt.rejected.load(Ordering::Relaxed);
+        let before = self.rejected_seen.swap(rejected, Ordering::Relaxed);
+        self.rejected_total.inc_by(rejected.saturating_sub(before));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The live counters the gauges read at scrape time.
+pub struct Live {
+    /// Dispatch loop counters.
+    pub stats: Arc<crate::app::Stats>,
+    /// MQTT flags.
+    pub mqtt: Arc<crate::app::inbound::MqttState>,
+    /// Publisher counters.
+    pub publisher: Arc<crate::app::publisher::PublisherStats>,
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, live: Live) {
+    let live = Arc::new(live);
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body, ctype) =
+                if req.starts_with("GET /metrics ") || req.starts_with("GET / ") {
+                    (
+                        "200 OK",
+                        metrics.render(&live),
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string(), "text/plain")
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
