@@ -228,8 +228,13 @@ pub struct Dispatcher {
     topics: Topics,
     calls: HashMap<String, Call>,
     by_request: HashMap<String, String>,
-    /// Calls waiting for a courier, oldest first.
+    /// Calls waiting for a courier, oldest first; keyed by `(created_at, id)`.
     pending: BTreeSet<(Millis, String)>,
+    /// Calls created since the last assign pass: they enter `dispatching` there. Kept
+    /// apart so that finding them does not mean walking every pending call.
+    fresh: Vec<String>,
+    /// Couriers online (kept with each presence change, read after every input).
+    online: usize,
     couriers: HashMap<String, Courier>,
     grid: GridIndex,
     /// Recent courier reply ids, to drop repeats before they reach the database.
@@ -250,6 +255,8 @@ impl Dispatcher {
             calls: HashMap::new(),
             by_request: HashMap::new(),
             pending: BTreeSet::new(),
+            fresh: Vec::new(),
+            online: 0,
             couriers: HashMap::new(),
             grid: GridIndex::default(),
             seen_replies: HashSet::new(),
@@ -275,11 +282,17 @@ impl Dispatcher {
             if let (Some(lat), Some(lon)) = (c.lat, c.lon) {
                 self.grid.update(&c.id, lat, lon);
             }
+            if c.online {
+                self.online += 1;
+            }
             self.couriers.insert(c.id.clone(), c);
         }
         for call in calls {
             if call.is_pending() {
                 self.pending.insert((call.created_at, call.id.clone()));
+            }
+            if call.status == CallStatus::Requested {
+                self.fresh.push(call.id.clone());
             }
             self.by_request
                 .insert(call.request_id.clone(), call.id.clone());
@@ -317,7 +330,14 @@ impl Dispatcher {
 
     /// Couriers currently online.
     pub fn online_count(&self) -> usize {
-        self.couriers.values().filter(|c| c.online).count()
+        self.online
+    }
+
+    /// Takes `id` out of the pending set (its key holds the call's `created_at`).
+    fn unpend(&mut self, id: &str) {
+        if let Some(created) = self.calls.get(id).map(|c| c.created_at) {
+            self.pending.remove(&(created, id.to_string()));
+        }
     }
 
     /// Calls in memory, live or recently finished.
@@ -495,6 +515,7 @@ impl Dispatcher {
         };
         self.by_request.insert(req.request_id.clone(), id.clone());
         self.pending.insert((now, id.clone()));
+        self.fresh.push(id.clone());
         let mut vars = serde_json::Map::new();
         vars.insert("pickup_code".into(), call.pickup_code.clone().into());
         let data = json!({
@@ -567,7 +588,7 @@ impl Dispatcher {
             });
             call.unwrap_or((None, CallStatus::Requested))
         };
-        self.pending.retain(|(_, p)| p != id);
+        self.unpend(id);
         if let Some(call) = self.calls.get_mut(id) {
             call.status = CallStatus::Cancelled;
             call.reason = Some(reason.clone());
@@ -645,6 +666,11 @@ impl Dispatcher {
         c.available = p.available;
         c.last_seen = now;
         let online = c.online;
+        match (was_online, online) {
+            (false, true) => self.online += 1,
+            (true, false) => self.online = self.online.saturating_sub(1),
+            _ => {}
+        }
         let offered = c.offered_call.clone();
         let active = c.active_call.clone();
         if online && (!was_online || !was_available) && c.is_free() {
@@ -1036,7 +1062,7 @@ impl Dispatcher {
         call.status = CallStatus::Assigned;
         call.grace_until = None;
         call.updated_at = at;
-        self.pending.retain(|(_, p)| p != call_id);
+        self.unpend(call_id);
         self.put_call(d, call_id);
         self.put_courier(d, cid);
         if let Some(call) = self.calls.get(call_id) {
@@ -1074,17 +1100,17 @@ impl Dispatcher {
     /// Moves new calls to `dispatching` and tries to match waiting calls with couriers.
     pub fn assign_pending(&mut self, now: Millis) -> Decision {
         let mut d = Decision::default();
-        // New calls enter dispatching.
-        let new: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, id)| {
-                self.calls
-                    .get(id)
-                    .is_some_and(|c| c.status == CallStatus::Requested)
+        // New calls enter dispatching, oldest first.
+        let mut new: Vec<(Millis, String)> = std::mem::take(&mut self.fresh)
+            .into_iter()
+            .filter_map(|id| {
+                let c = self.calls.get(&id)?;
+                let key = (c.created_at, id);
+                (c.status == CallStatus::Requested && self.pending.contains(&key)).then_some(key)
             })
-            .map(|(_, id)| id.clone())
             .collect();
+        new.sort();
+        let new: Vec<String> = new.into_iter().map(|(_, id)| id).collect();
         for id in &new {
             if let Some(c) = self.calls.get_mut(id) {
                 c.status = CallStatus::Dispatching;
@@ -1150,7 +1176,7 @@ impl Dispatcher {
                     if let Some(c) = self.couriers.get_mut(&best.courier_id) {
                         c.offered_call = Some(id.clone());
                     }
-                    self.pending.retain(|(_, p)| *p != id);
+                    self.unpend(&id);
                     if let Some(call) = self.calls.get(&id) {
                         let job = Self::job_for(call, JobKind::Offer, now, None);
                         self.publish_job(&mut d, &best.courier_id, &job);
@@ -1222,7 +1248,7 @@ impl Dispatcher {
             );
         }
         for id in failed {
-            self.pending.retain(|(_, p)| *p != id);
+            self.unpend(&id);
             if let Some(c) = self.calls.get_mut(&id) {
                 c.status = CallStatus::Failed;
                 c.reason = Some("no courier before the dispatch deadline".into());
@@ -1337,11 +1363,6 @@ impl Dispatcher {
 
     /// Whether [`Dispatcher::assign_pending`] has work.
     pub fn wants_assign(&self) -> bool {
-        self.rematch
-            || self.pending.iter().any(|(_, id)| {
-                self.calls
-                    .get(id)
-                    .is_some_and(|c| c.status == CallStatus::Requested)
-            })
+        self.rematch || !self.fresh.is_empty()
     }
 }

@@ -446,3 +446,31 @@ fn stale_location_is_not_eligible() {
     create(&mut d, "c1", ParcelClass::Light, later);
     assert_eq!(status(&d, "c1"), CallStatus::Dispatching);
 }
+
+#[test]
+fn counters_follow_presence_and_pending_calls() {
+    let mut d = disp(Mode::Auto);
+    online(&mut d, "a", Vehicle::Car, 37.5001, 127.0, T0);
+    online(&mut d, "a", Vehicle::Car, 37.5001, 127.0, T0 + 1);
+    online(&mut d, "b", Vehicle::Car, 38.5, 127.0, T0 + 2);
+    assert_eq!(d.online_count(), 2);
+    offline(&mut d, "b", T0 + 3);
+    offline(&mut d, "b", T0 + 4);
+    assert_eq!(d.online_count(), 1);
+    // c1 goes to a; c2 and c3 wait; cancelling c2 leaves one waiting.
+    create(&mut d, "c1", ParcelClass::Light, T0 + 5);
+    create(&mut d, "c2", ParcelClass::Light, T0 + 6);
+    create(&mut d, "c3", ParcelClass::Light, T0 + 7);
+    assert_eq!(d.pending_count(), 2);
+    d.cancel_call("c2", None, CancelledBy::Customer, None, T0 + 8);
+    assert_eq!(d.pending_count(), 1);
+    assert!(!d.wants_assign());
+    // Restored state counts the same.
+    let mut d2 = disp(Mode::Auto);
+    d2.restore(
+        d.calls().cloned().collect(),
+        d.couriers().cloned().collect(),
+    );
+    assert_eq!(d2.online_count(), 1);
+    assert_eq!(d2.pending_count(), 1);
+}
