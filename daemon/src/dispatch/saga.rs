@@ -235,6 +235,10 @@ pub struct Dispatcher {
     fresh: Vec<String>,
     /// Couriers online (kept with each presence change, read after every input).
     online: usize,
+    /// Every call's next due time as `(when, id)`, and each call's entry there: the next
+    /// wake-up and the calls due are found without walking every call in memory.
+    timers: BTreeSet<(Millis, String)>,
+    timer_at: HashMap<String, Millis>,
     couriers: HashMap<String, Courier>,
     grid: GridIndex,
     /// Recent courier reply ids, to drop repeats before they reach the database.
@@ -257,6 +261,8 @@ impl Dispatcher {
             pending: BTreeSet::new(),
             fresh: Vec::new(),
             online: 0,
+            timers: BTreeSet::new(),
+            timer_at: HashMap::new(),
             couriers: HashMap::new(),
             grid: GridIndex::default(),
             seen_replies: HashSet::new(),
@@ -269,6 +275,8 @@ impl Dispatcher {
     pub fn set_config(&mut self, cfg: DispatchConfig) {
         self.cfg = cfg;
         self.rematch = true;
+        // keep_terminal_ms may have changed.
+        self.retime_all();
     }
 
     /// Current settings.
@@ -298,6 +306,7 @@ impl Dispatcher {
                 .insert(call.request_id.clone(), call.id.clone());
             self.calls.insert(call.id.clone(), call);
         }
+        self.retime_all();
         self.rematch = true;
     }
 
@@ -450,14 +459,17 @@ impl Dispatcher {
     }
 
     /// Makes every call and courier snapshot in `d` the latest state, so that counters
-    /// changed later in the same decision (notification sequence) are written too.
-    fn finish(&self, mut d: Decision) -> Decision {
+    /// changed later in the same decision (notification sequence) are written too, and
+    /// files each changed call under its new due time. Every change to a call goes through
+    /// here: a change that is not written would be lost at the next restart.
+    fn finish(&mut self, mut d: Decision) -> Decision {
         for c in &mut d.changes {
             match c {
                 Change::Call(call) => {
                     if let Some(now) = self.calls.get(&call.id) {
                         **call = now.clone();
                     }
+                    self.retime(&call.id);
                 }
                 Change::Courier(courier) => {
                     if let Some(now) = self.couriers.get(&courier.id) {
@@ -1210,7 +1222,13 @@ impl Dispatcher {
         let mut failed = Vec::new();
         let mut graced = Vec::new();
         let mut forget = Vec::new();
-        for call in self.calls.values() {
+        let due: Vec<String> = self
+            .timers
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| id.clone())
+            .collect();
+        for call in due.iter().filter_map(|id| self.calls.get(id)) {
             if let Some(o) = &call.offer {
                 if o.expires_at <= now {
                     expired_offers.push((call.id.clone(), o.courier_id.clone()));
@@ -1306,6 +1324,9 @@ impl Dispatcher {
                 self.by_request.remove(&c.request_id);
             }
         }
+        for id in &due {
+            self.retime(id);
+        }
         d.absorb(self.assign_pending(now));
         self.finish(d)
     }
@@ -1343,22 +1364,54 @@ impl Dispatcher {
 
     /// When [`Dispatcher::tick`] next has something to do.
     pub fn next_wakeup(&self) -> Option<Millis> {
-        self.calls
-            .values()
-            .filter_map(|c| {
-                if let Some(o) = &c.offer {
-                    return Some(o.expires_at);
-                }
-                match c.status {
-                    CallStatus::Requested | CallStatus::Dispatching => Some(c.deadline_at),
-                    CallStatus::Assigned => c.grace_until,
-                    s if s.is_terminal() => {
-                        Some(c.updated_at.saturating_add(self.cfg.keep_terminal_ms))
-                    }
-                    _ => None,
-                }
-            })
-            .min()
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// When `c` next needs [`Dispatcher::tick`]: its offer lapses, its dispatch deadline
+    /// passes, its grace period ends, or, once finished, it is forgotten.
+    fn due_of(&self, c: &Call) -> Option<Millis> {
+        if let Some(o) = &c.offer {
+            return Some(o.expires_at);
+        }
+        match c.status {
+            CallStatus::Requested | CallStatus::Dispatching => Some(c.deadline_at),
+            CallStatus::Assigned => c.grace_until,
+            s if s.is_terminal() => Some(c.updated_at.saturating_add(self.cfg.keep_terminal_ms)),
+            _ => None,
+        }
+    }
+
+    /// Files call `id` under its current due time (none once it is forgotten).
+    fn retime(&mut self, id: &str) {
+        let due = self.calls.get(id).and_then(|c| self.due_of(c));
+        let old = self.timer_at.get(id).copied();
+        if old == due {
+            return;
+        }
+        if let Some(o) = old {
+            self.timers.remove(&(o, id.to_string()));
+        }
+        match due {
+            Some(at) => {
+                self.timers.insert((at, id.to_string()));
+                self.timer_at.insert(id.to_string(), at);
+            }
+            None => {
+                self.timer_at.remove(id);
+            }
+        }
+    }
+
+    /// Rebuilds every call's due time (start, new settings).
+    fn retime_all(&mut self) {
+        self.timers.clear();
+        self.timer_at.clear();
+        for c in self.calls.values() {
+            if let Some(at) = self.due_of(c) {
+                self.timers.insert((at, c.id.clone()));
+                self.timer_at.insert(c.id.clone(), at);
+            }
+        }
     }
 
     /// Whether [`Dispatcher::assign_pending`] has work.
