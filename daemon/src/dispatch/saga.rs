@@ -13,7 +13,7 @@ use pickup_protocol::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::assign::{best_linear, GridIndex, Need};
+use super::assign::{best_linear, eligible, GridIndex, Need};
 use super::call::{Call, Offer};
 use super::courier::Courier;
 use super::notice::Templates;
@@ -244,8 +244,14 @@ pub struct Dispatcher {
     /// Recent courier reply ids, to drop repeats before they reach the database.
     seen_replies: HashSet<String>,
     seen_order: VecDeque<String>,
-    /// Set when a courier may have become eligible: pending calls are looked at again.
+    /// Every pending call is searched again at the next assign pass (start, new settings).
     rematch: bool,
+    /// Couriers that may have become eligible since the last assign pass (online, free
+    /// again, moved). After a pass no pending call has an eligible courier, so only the
+    /// pending calls one of these could serve are searched again.
+    freed: BTreeSet<String>,
+    /// Calls that went back to waiting (a withdrawn offer, a reassignment): searched again.
+    requeued: BTreeSet<String>,
 }
 
 const SEEN_REPLIES: usize = 4096;
@@ -268,6 +274,8 @@ impl Dispatcher {
             seen_replies: HashSet::new(),
             seen_order: VecDeque::new(),
             rematch: false,
+            freed: BTreeSet::new(),
+            requeued: BTreeSet::new(),
         }
     }
 
@@ -649,7 +657,7 @@ impl Dispatcher {
             }
             if c.is_free() {
                 c.idle_since = now;
-                self.rematch = true;
+                self.freed.insert(cid.to_string());
             }
         }
     }
@@ -720,7 +728,7 @@ impl Dispatcher {
         }
         self.put_courier(&mut d, cid);
         if online && p.available {
-            self.rematch = true;
+            self.freed.insert(cid.to_string());
         }
         self.finish(d)
     }
@@ -738,7 +746,7 @@ impl Dispatcher {
         let eligible_now = c.online && c.available && c.is_free();
         self.grid.update(cid, loc.lat, loc.lon);
         if eligible_now && !self.pending.is_empty() {
-            self.rematch = true;
+            self.freed.insert(cid.to_string());
         }
         let mut d = Decision::default();
         self.put_courier(&mut d, cid);
@@ -784,7 +792,7 @@ impl Dispatcher {
             None,
             json!({"reason": reason}),
         );
-        self.rematch = true;
+        self.requeued.insert(call_id.to_string());
     }
 
     /// A courier's answer about a job. Repeats (same reply id, or an action already
@@ -1139,15 +1147,43 @@ impl Dispatcher {
                 json!({}),
             );
         }
-        if !self.rematch && new.is_empty() {
+        let freed = std::mem::take(&mut self.freed);
+        let requeued = std::mem::take(&mut self.requeued);
+        if !self.rematch && new.is_empty() && freed.is_empty() && requeued.is_empty() {
             return d;
         }
-        let all = self.rematch;
-        self.rematch = false;
-        let candidates: Vec<String> = if all {
+        // Which pending calls to search, in pending order (oldest first). After every pass
+        // no pending call has an eligible courier, and eligibility only grows through the
+        // changes recorded in `freed`, `requeued` and `rematch`: a call outside this set
+        // would find nobody, so the result is the same as searching every pending call.
+        let candidates: Vec<String> = if std::mem::take(&mut self.rematch) {
             self.pending.iter().map(|(_, id)| id.clone()).collect()
+        } else if freed.is_empty() {
+            let mut v: Vec<(Millis, String)> = new
+                .iter()
+                .chain(requeued.iter().filter(|id| !new.contains(id)))
+                .filter_map(|id| self.calls.get(id).map(|c| (c.created_at, id.clone())))
+                .filter(|k| self.pending.contains(k))
+                .collect();
+            v.sort();
+            v.into_iter().map(|(_, id)| id).collect()
         } else {
-            new.clone()
+            let couriers: Vec<&Courier> = freed
+                .iter()
+                .filter_map(|id| self.couriers.get(id))
+                .collect();
+            self.pending
+                .iter()
+                .filter(|(_, id)| {
+                    new.contains(id)
+                        || requeued.contains(id)
+                        || self.calls.get(id).is_some_and(|call| {
+                            let need = self.need(call);
+                            couriers.iter().any(|c| eligible(c, &need, now).is_some())
+                        })
+                })
+                .map(|(_, id)| id.clone())
+                .collect()
         };
         let mut touched: BTreeSet<String> = new.into_iter().collect();
         for id in candidates {
@@ -1157,14 +1193,7 @@ impl Dispatcher {
             if !call.is_pending() {
                 continue;
             }
-            let need = Need {
-                lat: call.location.lat,
-                lon: call.location.lon,
-                class: call.parcel.class,
-                radius_m: self.cfg.radius_m,
-                excluded: &call.declined,
-                location_max_age_ms: self.cfg.location_max_age_ms,
-            };
+            let need = self.need(call);
             let best = if self.cfg.use_index {
                 self.grid.best(&self.couriers, &need, now)
             } else {
@@ -1317,7 +1346,7 @@ impl Dispatcher {
                 None,
                 json!({"reason": "courier offline past grace period"}),
             );
-            self.rematch = true;
+            self.requeued.insert(id.clone());
         }
         for id in forget {
             if let Some(c) = self.calls.remove(&id) {
@@ -1416,6 +1445,21 @@ impl Dispatcher {
 
     /// Whether [`Dispatcher::assign_pending`] has work.
     pub fn wants_assign(&self) -> bool {
-        self.rematch || !self.fresh.is_empty()
+        self.rematch
+            || !self.fresh.is_empty()
+            || !self.freed.is_empty()
+            || !self.requeued.is_empty()
+    }
+
+    /// What a search for a courier for `call` must satisfy.
+    fn need<'a>(&self, call: &'a Call) -> Need<'a> {
+        Need {
+            lat: call.location.lat,
+            lon: call.location.lon,
+            class: call.parcel.class,
+            radius_m: self.cfg.radius_m,
+            excluded: &call.declined,
+            location_max_age_ms: self.cfg.location_max_age_ms,
+        }
     }
 }
