@@ -3,6 +3,7 @@
 //! one transaction), and the answer for the requester. No I/O happens here.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 
 use pickup_protocol::answer::{CallAnswer, CreateAnswer, JobReplyAnswer};
 use pickup_protocol::validate::mask_phone;
@@ -1154,10 +1155,15 @@ impl Dispatcher {
         }
         // Which pending calls to search, in pending order (oldest first). After every pass
         // no pending call has an eligible courier, and eligibility only grows through the
-        // changes recorded in `freed`, `requeued` and `rematch`: a call outside this set
-        // would find nobody, so the result is the same as searching every pending call.
-        let candidates: Vec<String> = if std::mem::take(&mut self.rematch) {
-            self.pending.iter().map(|(_, id)| id.clone()).collect()
+        // changes recorded in `freed`, `requeued` and `rematch`: a call that none of these
+        // concern would find nobody, so the result is the same as searching every pending
+        // call.
+        let mut touched: BTreeSet<String> = new.iter().cloned().collect();
+        if std::mem::take(&mut self.rematch) {
+            let all: Vec<String> = self.pending.iter().map(|(_, id)| id.clone()).collect();
+            for id in all {
+                self.match_call(&mut d, &id, now, &mut touched);
+            }
         } else if freed.is_empty() {
             let mut v: Vec<(Millis, String)> = new
                 .iter()
@@ -1166,81 +1172,106 @@ impl Dispatcher {
                 .filter(|k| self.pending.contains(k))
                 .collect();
             v.sort();
-            v.into_iter().map(|(_, id)| id).collect()
-        } else {
-            let couriers: Vec<&Courier> = freed
-                .iter()
-                .filter_map(|id| self.couriers.get(id))
-                .collect();
-            self.pending
-                .iter()
-                .filter(|(_, id)| {
-                    new.contains(id)
-                        || requeued.contains(id)
-                        || self.calls.get(id).is_some_and(|call| {
-                            let need = self.need(call);
-                            couriers.iter().any(|c| eligible(c, &need, now).is_some())
-                        })
-                })
-                .map(|(_, id)| id.clone())
-                .collect()
-        };
-        let mut touched: BTreeSet<String> = new.into_iter().collect();
-        for id in candidates {
-            let Some(call) = self.calls.get(&id) else {
-                continue;
-            };
-            if !call.is_pending() {
-                continue;
+            for (_, id) in v {
+                self.match_call(&mut d, &id, now, &mut touched);
             }
-            let need = self.need(call);
-            let best = if self.cfg.use_index {
-                self.grid.best(&self.couriers, &need, now)
-            } else {
-                best_linear(self.couriers.values(), &need, now)
-            };
-            let Some(best) = best else { continue };
-            match self.cfg.mode {
-                Mode::Auto => {
-                    self.assign(&mut d, &id, &best.courier_id, now, now, "auto");
-                    touched.remove(&id);
+        } else {
+            // Walk the pending calls while a freed courier is still free, or a new or
+            // requeued call is still ahead; search a call when one of those concerns it.
+            let mut ahead: BTreeSet<&String> = new.iter().chain(requeued.iter()).collect();
+            let mut cursor: Option<(Millis, String)> = None;
+            loop {
+                let next = match &cursor {
+                    None => self.pending.iter().next(),
+                    Some(k) => self
+                        .pending
+                        .range((Bound::Excluded(k), Bound::Unbounded))
+                        .next(),
+                };
+                let Some(key) = next.cloned() else { break };
+                let free: Vec<&Courier> = freed
+                    .iter()
+                    .filter_map(|id| self.couriers.get(id))
+                    .filter(|c| c.online && c.available && c.is_free())
+                    .collect();
+                if free.is_empty() && ahead.is_empty() {
+                    break;
                 }
-                Mode::Offer => {
-                    let expires_at = now.saturating_add(self.cfg.offer_timeout_ms);
-                    if let Some(call) = self.calls.get_mut(&id) {
-                        call.offer = Some(Offer {
-                            courier_id: best.courier_id.clone(),
-                            expires_at,
-                        });
-                        call.updated_at = now;
-                    }
-                    if let Some(c) = self.couriers.get_mut(&best.courier_id) {
-                        c.offered_call = Some(id.clone());
-                    }
-                    self.unpend(&id);
-                    if let Some(call) = self.calls.get(&id) {
-                        let job = Self::job_for(call, JobKind::Offer, now, None);
-                        self.publish_job(&mut d, &best.courier_id, &job);
-                    }
-                    self.put_courier(&mut d, &best.courier_id);
-                    touched.insert(id.clone());
-                    self.event(
-                        &mut d,
-                        Some(&id),
-                        Some(&best.courier_id),
-                        "offered",
-                        now,
-                        now,
-                        None,
-                        json!({"distance_m": best.distance_m, "expires_at": expires_at}),
-                    );
+                let search = ahead.remove(&key.1)
+                    || self.calls.get(&key.1).is_some_and(|call| {
+                        let need = self.need(call);
+                        free.iter().any(|c| eligible(c, &need, now).is_some())
+                    });
+                if search {
+                    self.match_call(&mut d, &key.1, now, &mut touched);
                 }
+                cursor = Some(key);
             }
         }
         for id in touched {
             self.put_call(&mut d, &id);
         }
         self.finish(d)
+    }
+
+    /// Searches a courier for pending call `id` and assigns it (mode `auto`) or offers it
+    /// (mode `offer`). `touched` collects calls whose row must be written.
+    fn match_call(
+        &mut self,
+        d: &mut Decision,
+        id: &str,
+        now: Millis,
+        touched: &mut BTreeSet<String>,
+    ) {
+        let Some(call) = self.calls.get(id) else {
+            return;
+        };
+        if !call.is_pending() {
+            return;
+        }
+        let need = self.need(call);
+        let best = if self.cfg.use_index {
+            self.grid.best(&self.couriers, &need, now)
+        } else {
+            best_linear(self.couriers.values(), &need, now)
+        };
+        let Some(best) = best else { return };
+        match self.cfg.mode {
+            Mode::Auto => {
+                self.assign(d, id, &best.courier_id, now, now, "auto");
+                touched.remove(id);
+            }
+            Mode::Offer => {
+                let expires_at = now.saturating_add(self.cfg.offer_timeout_ms);
+                if let Some(call) = self.calls.get_mut(id) {
+                    call.offer = Some(Offer {
+                        courier_id: best.courier_id.clone(),
+                        expires_at,
+                    });
+                    call.updated_at = now;
+                }
+                if let Some(c) = self.couriers.get_mut(&best.courier_id) {
+                    c.offered_call = Some(id.to_string());
+                }
+                self.unpend(id);
+                if let Some(call) = self.calls.get(id) {
+                    let job = Self::job_for(call, JobKind::Offer, now, None);
+                    self.publish_job(d, &best.courier_id, &job);
+                }
+                self.put_courier(d, &best.courier_id);
+                touched.insert(id.to_string());
+                self.event(
+                    d,
+                    Some(id),
+                    Some(&best.courier_id),
+                    "offered",
+                    now,
+                    now,
+                    None,
+                    json!({"distance_m": best.distance_m, "expires_at": expires_at}),
+                );
+            }
+        }
     }
 
     /// Timers: dispatch deadlines, offer timeouts, grace periods, and forgetting finished
