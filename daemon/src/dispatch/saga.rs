@@ -3,6 +3,7 @@
 //! one transaction), and the answer for the requester. No I/O happens here.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 
 use pickup_protocol::answer::{CallAnswer, CreateAnswer, JobReplyAnswer};
 use pickup_protocol::validate::mask_phone;
@@ -13,7 +14,7 @@ use pickup_protocol::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::assign::{best_linear, GridIndex, Need};
+use super::assign::{best_linear, eligible, GridIndex, Need};
 use super::call::{Call, Offer};
 use super::courier::Courier;
 use super::notice::Templates;
@@ -251,15 +252,30 @@ pub struct Dispatcher {
     topics: Topics,
     calls: HashMap<String, Call>,
     by_request: HashMap<String, String>,
-    /// Calls waiting for a courier, oldest first.
+    /// Calls waiting for a courier, oldest first; keyed by `(created_at, id)`.
     pending: BTreeSet<(Millis, String)>,
+    /// Calls created since the last assign pass: they enter `dispatching` there. Kept
+    /// apart so that finding them does not mean walking every pending call.
+    fresh: Vec<String>,
+    /// Couriers online (kept with each presence change, read after every input).
+    online: usize,
+    /// Every call's next due time as `(when, id)`, and each call's entry there: the next
+    /// wake-up and the calls due are found without walking every call in memory.
+    timers: BTreeSet<(Millis, String)>,
+    timer_at: HashMap<String, Millis>,
     couriers: HashMap<String, Courier>,
     grid: GridIndex,
     /// Recent courier reply ids, to drop repeats before they reach the database.
     seen_replies: HashSet<String>,
     seen_order: VecDeque<String>,
-    /// Set when a courier may have become eligible: pending calls are looked at again.
+    /// Every pending call is searched again at the next assign pass (start, new settings).
     rematch: bool,
+    /// Couriers that may have become eligible since the last assign pass (online, free
+    /// again, moved). After a pass no pending call has an eligible courier, so only the
+    /// pending calls one of these could serve are searched again.
+    freed: BTreeSet<String>,
+    /// Calls that went back to waiting (a withdrawn offer, a reassignment): searched again.
+    requeued: BTreeSet<String>,
 }
 
 const SEEN_REPLIES: usize = 4096;
@@ -273,11 +289,17 @@ impl Dispatcher {
             calls: HashMap::new(),
             by_request: HashMap::new(),
             pending: BTreeSet::new(),
+            fresh: Vec::new(),
+            online: 0,
+            timers: BTreeSet::new(),
+            timer_at: HashMap::new(),
             couriers: HashMap::new(),
             grid: GridIndex::default(),
             seen_replies: HashSet::new(),
             seen_order: VecDeque::new(),
             rematch: false,
+            freed: BTreeSet::new(),
+            requeued: BTreeSet::new(),
         }
     }
 
@@ -287,6 +309,8 @@ impl Dispatcher {
         cfg.webhook = self.cfg.webhook;
         self.cfg = cfg;
         self.rematch = true;
+        // keep_terminal_ms may have changed.
+        self.retime_all();
     }
 
     /// Current settings.
@@ -300,16 +324,23 @@ impl Dispatcher {
             if let (Some(lat), Some(lon)) = (c.lat, c.lon) {
                 self.grid.update(&c.id, lat, lon);
             }
+            if c.online {
+                self.online += 1;
+            }
             self.couriers.insert(c.id.clone(), c);
         }
         for call in calls {
             if call.is_pending() {
                 self.pending.insert((call.created_at, call.id.clone()));
             }
+            if call.status == CallStatus::Requested {
+                self.fresh.push(call.id.clone());
+            }
             self.by_request
                 .insert(call.request_id.clone(), call.id.clone());
             self.calls.insert(call.id.clone(), call);
         }
+        self.retime_all();
         self.rematch = true;
     }
 
@@ -342,7 +373,14 @@ impl Dispatcher {
 
     /// Couriers currently online.
     pub fn online_count(&self) -> usize {
-        self.couriers.values().filter(|c| c.online).count()
+        self.online
+    }
+
+    /// Takes `id` out of the pending set (its key holds the call's `created_at`).
+    fn unpend(&mut self, id: &str) {
+        if let Some(created) = self.calls.get(id).map(|c| c.created_at) {
+            self.pending.remove(&(created, id.to_string()));
+        }
     }
 
     /// Calls in memory, live or recently finished.
@@ -472,14 +510,17 @@ impl Dispatcher {
     }
 
     /// Makes every call and courier snapshot in `d` the latest state, so that counters
-    /// changed later in the same decision (notification sequence) are written too.
-    fn finish(&self, mut d: Decision) -> Decision {
+    /// changed later in the same decision (notification sequence) are written too, and
+    /// files each changed call under its new due time. Every change to a call goes through
+    /// here: a change that is not written would be lost at the next restart.
+    fn finish(&mut self, mut d: Decision) -> Decision {
         for c in &mut d.changes {
             match c {
                 Change::Call(call) => {
                     if let Some(now) = self.calls.get(&call.id) {
                         **call = now.clone();
                     }
+                    self.retime(&call.id);
                 }
                 Change::Courier(courier) => {
                     if let Some(now) = self.couriers.get(&courier.id) {
@@ -537,6 +578,7 @@ impl Dispatcher {
         };
         self.by_request.insert(req.request_id.clone(), id.clone());
         self.pending.insert((now, id.clone()));
+        self.fresh.push(id.clone());
         let mut vars = serde_json::Map::new();
         vars.insert("pickup_code".into(), call.pickup_code.clone().into());
         let data = json!({
@@ -609,7 +651,7 @@ impl Dispatcher {
             });
             call.unwrap_or((None, CallStatus::Requested))
         };
-        self.pending.retain(|(_, p)| p != id);
+        self.unpend(id);
         if let Some(call) = self.calls.get_mut(id) {
             call.status = CallStatus::Cancelled;
             call.reason = Some(reason.clone());
@@ -658,7 +700,7 @@ impl Dispatcher {
             }
             if c.is_free() {
                 c.idle_since = now;
-                self.rematch = true;
+                self.freed.insert(cid.to_string());
             }
         }
     }
@@ -687,6 +729,11 @@ impl Dispatcher {
         c.available = p.available;
         c.last_seen = now;
         let online = c.online;
+        match (was_online, online) {
+            (false, true) => self.online += 1,
+            (true, false) => self.online = self.online.saturating_sub(1),
+            _ => {}
+        }
         let offered = c.offered_call.clone();
         let active = c.active_call.clone();
         if online && (!was_online || !was_available) && c.is_free() {
@@ -724,7 +771,7 @@ impl Dispatcher {
         }
         self.put_courier(&mut d, cid);
         if online && p.available {
-            self.rematch = true;
+            self.freed.insert(cid.to_string());
         }
         self.finish(d)
     }
@@ -742,7 +789,7 @@ impl Dispatcher {
         let eligible_now = c.online && c.available && c.is_free();
         self.grid.update(cid, loc.lat, loc.lon);
         if eligible_now && !self.pending.is_empty() {
-            self.rematch = true;
+            self.freed.insert(cid.to_string());
         }
         let mut d = Decision::default();
         self.put_courier(&mut d, cid);
@@ -788,7 +835,7 @@ impl Dispatcher {
             None,
             json!({"reason": reason}),
         );
-        self.rematch = true;
+        self.requeued.insert(call_id.to_string());
     }
 
     /// A courier's answer about a job. Repeats (same reply id, or an action already
@@ -1069,7 +1116,7 @@ impl Dispatcher {
         call.status = CallStatus::Assigned;
         call.grace_until = None;
         call.updated_at = at;
-        self.pending.retain(|(_, p)| p != call_id);
+        self.unpend(call_id);
         self.put_call(d, call_id);
         self.put_courier(d, cid);
         if let Some(call) = self.calls.get(call_id) {
@@ -1112,17 +1159,17 @@ impl Dispatcher {
     /// Moves new calls to `dispatching` and tries to match waiting calls with couriers.
     pub fn assign_pending(&mut self, now: Millis) -> Decision {
         let mut d = Decision::default();
-        // New calls enter dispatching.
-        let new: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, id)| {
-                self.calls
-                    .get(id)
-                    .is_some_and(|c| c.status == CallStatus::Requested)
+        // New calls enter dispatching, oldest first.
+        let mut new: Vec<(Millis, String)> = std::mem::take(&mut self.fresh)
+            .into_iter()
+            .filter_map(|id| {
+                let c = self.calls.get(&id)?;
+                let key = (c.created_at, id);
+                (c.status == CallStatus::Requested && self.pending.contains(&key)).then_some(key)
             })
-            .map(|(_, id)| id.clone())
             .collect();
+        new.sort();
+        let new: Vec<String> = new.into_iter().map(|(_, id)| id).collect();
         for id in &new {
             if let Some(c) = self.calls.get_mut(id) {
                 c.status = CallStatus::Dispatching;
@@ -1139,79 +1186,130 @@ impl Dispatcher {
                 json!({}),
             );
         }
-        if !self.rematch && new.is_empty() {
+        let freed = std::mem::take(&mut self.freed);
+        let requeued = std::mem::take(&mut self.requeued);
+        if !self.rematch && new.is_empty() && freed.is_empty() && requeued.is_empty() {
             return d;
         }
-        let all = self.rematch;
-        self.rematch = false;
-        let candidates: Vec<String> = if all {
-            self.pending.iter().map(|(_, id)| id.clone()).collect()
-        } else {
-            new.clone()
-        };
-        let mut touched: BTreeSet<String> = new.into_iter().collect();
-        for id in candidates {
-            let Some(call) = self.calls.get(&id) else {
-                continue;
-            };
-            if !call.is_pending() {
-                continue;
+        // Which pending calls to search, in pending order (oldest first). After every pass
+        // no pending call has an eligible courier, and eligibility only grows through the
+        // changes recorded in `freed`, `requeued` and `rematch`: a call that none of these
+        // concern would find nobody, so the result is the same as searching every pending
+        // call.
+        let mut touched: BTreeSet<String> = new.iter().cloned().collect();
+        if std::mem::take(&mut self.rematch) {
+            let all: Vec<String> = self.pending.iter().map(|(_, id)| id.clone()).collect();
+            for id in all {
+                self.match_call(&mut d, &id, now, &mut touched);
             }
-            let need = Need {
-                lat: call.location.lat,
-                lon: call.location.lon,
-                class: call.parcel.class,
-                radius_m: self.cfg.radius_m,
-                excluded: &call.declined,
-                location_max_age_ms: self.cfg.location_max_age_ms,
-            };
-            let best = if self.cfg.use_index {
-                self.grid.best(&self.couriers, &need, now)
-            } else {
-                best_linear(self.couriers.values(), &need, now)
-            };
-            let Some(best) = best else { continue };
-            match self.cfg.mode {
-                Mode::Auto => {
-                    self.assign(&mut d, &id, &best.courier_id, now, now, "auto");
-                    touched.remove(&id);
+        } else if freed.is_empty() {
+            let mut v: Vec<(Millis, String)> = new
+                .iter()
+                .chain(requeued.iter().filter(|id| !new.contains(id)))
+                .filter_map(|id| self.calls.get(id).map(|c| (c.created_at, id.clone())))
+                .filter(|k| self.pending.contains(k))
+                .collect();
+            v.sort();
+            for (_, id) in v {
+                self.match_call(&mut d, &id, now, &mut touched);
+            }
+        } else {
+            // Walk the pending calls while a freed courier is still free, or a new or
+            // requeued call is still ahead; search a call when one of those concerns it.
+            let mut ahead: BTreeSet<&String> = new.iter().chain(requeued.iter()).collect();
+            let mut cursor: Option<(Millis, String)> = None;
+            loop {
+                let next = match &cursor {
+                    None => self.pending.iter().next(),
+                    Some(k) => self
+                        .pending
+                        .range((Bound::Excluded(k), Bound::Unbounded))
+                        .next(),
+                };
+                let Some(key) = next.cloned() else { break };
+                let free: Vec<&Courier> = freed
+                    .iter()
+                    .filter_map(|id| self.couriers.get(id))
+                    .filter(|c| c.online && c.available && c.is_free())
+                    .collect();
+                if free.is_empty() && ahead.is_empty() {
+                    break;
                 }
-                Mode::Offer => {
-                    let expires_at = now.saturating_add(self.cfg.offer_timeout_ms);
-                    if let Some(call) = self.calls.get_mut(&id) {
-                        call.offer = Some(Offer {
-                            courier_id: best.courier_id.clone(),
-                            expires_at,
-                        });
-                        call.updated_at = now;
-                    }
-                    if let Some(c) = self.couriers.get_mut(&best.courier_id) {
-                        c.offered_call = Some(id.clone());
-                    }
-                    self.pending.retain(|(_, p)| *p != id);
-                    if let Some(call) = self.calls.get(&id) {
-                        let job = Self::job_for(call, JobKind::Offer, now, None);
-                        self.publish_job(&mut d, &best.courier_id, &job);
-                    }
-                    self.put_courier(&mut d, &best.courier_id);
-                    touched.insert(id.clone());
-                    self.event(
-                        &mut d,
-                        Some(&id),
-                        Some(&best.courier_id),
-                        "offered",
-                        now,
-                        now,
-                        None,
-                        json!({"distance_m": best.distance_m, "expires_at": expires_at}),
-                    );
+                let search = ahead.remove(&key.1)
+                    || self.calls.get(&key.1).is_some_and(|call| {
+                        let need = self.need(call);
+                        free.iter().any(|c| eligible(c, &need, now).is_some())
+                    });
+                if search {
+                    self.match_call(&mut d, &key.1, now, &mut touched);
                 }
+                cursor = Some(key);
             }
         }
         for id in touched {
             self.put_call(&mut d, &id);
         }
         self.finish(d)
+    }
+
+    /// Searches a courier for pending call `id` and assigns it (mode `auto`) or offers it
+    /// (mode `offer`). `touched` collects calls whose row must be written.
+    fn match_call(
+        &mut self,
+        d: &mut Decision,
+        id: &str,
+        now: Millis,
+        touched: &mut BTreeSet<String>,
+    ) {
+        let Some(call) = self.calls.get(id) else {
+            return;
+        };
+        if !call.is_pending() {
+            return;
+        }
+        let need = self.need(call);
+        let best = if self.cfg.use_index {
+            self.grid.best(&self.couriers, &need, now)
+        } else {
+            best_linear(self.couriers.values(), &need, now)
+        };
+        let Some(best) = best else { return };
+        match self.cfg.mode {
+            Mode::Auto => {
+                self.assign(d, id, &best.courier_id, now, now, "auto");
+                touched.remove(id);
+            }
+            Mode::Offer => {
+                let expires_at = now.saturating_add(self.cfg.offer_timeout_ms);
+                if let Some(call) = self.calls.get_mut(id) {
+                    call.offer = Some(Offer {
+                        courier_id: best.courier_id.clone(),
+                        expires_at,
+                    });
+                    call.updated_at = now;
+                }
+                if let Some(c) = self.couriers.get_mut(&best.courier_id) {
+                    c.offered_call = Some(id.to_string());
+                }
+                self.unpend(id);
+                if let Some(call) = self.calls.get(id) {
+                    let job = Self::job_for(call, JobKind::Offer, now, None);
+                    self.publish_job(d, &best.courier_id, &job);
+                }
+                self.put_courier(d, &best.courier_id);
+                touched.insert(id.to_string());
+                self.event(
+                    d,
+                    Some(id),
+                    Some(&best.courier_id),
+                    "offered",
+                    now,
+                    now,
+                    None,
+                    json!({"distance_m": best.distance_m, "expires_at": expires_at}),
+                );
+            }
+        }
     }
 
     /// Timers: dispatch deadlines, offer timeouts, grace periods, and forgetting finished
@@ -1222,7 +1320,13 @@ impl Dispatcher {
         let mut failed = Vec::new();
         let mut graced = Vec::new();
         let mut forget = Vec::new();
-        for call in self.calls.values() {
+        let due: Vec<String> = self
+            .timers
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| id.clone())
+            .collect();
+        for call in due.iter().filter_map(|id| self.calls.get(id)) {
             if let Some(o) = &call.offer {
                 if o.expires_at <= now {
                     expired_offers.push((call.id.clone(), o.courier_id.clone()));
@@ -1260,7 +1364,7 @@ impl Dispatcher {
             );
         }
         for id in failed {
-            self.pending.retain(|(_, p)| *p != id);
+            self.unpend(&id);
             if let Some(c) = self.calls.get_mut(&id) {
                 c.status = CallStatus::Failed;
                 c.reason = Some("no courier before the dispatch deadline".into());
@@ -1320,12 +1424,15 @@ impl Dispatcher {
                 None,
                 json!({"reason": "courier offline past grace period"}),
             );
-            self.rematch = true;
+            self.requeued.insert(id.clone());
         }
         for id in forget {
             if let Some(c) = self.calls.remove(&id) {
                 self.by_request.remove(&c.request_id);
             }
+        }
+        for id in &due {
+            self.retime(id);
         }
         d.absorb(self.assign_pending(now));
         self.finish(d)
@@ -1364,31 +1471,73 @@ impl Dispatcher {
 
     /// When [`Dispatcher::tick`] next has something to do.
     pub fn next_wakeup(&self) -> Option<Millis> {
-        self.calls
-            .values()
-            .filter_map(|c| {
-                if let Some(o) = &c.offer {
-                    return Some(o.expires_at);
-                }
-                match c.status {
-                    CallStatus::Requested | CallStatus::Dispatching => Some(c.deadline_at),
-                    CallStatus::Assigned => c.grace_until,
-                    s if s.is_terminal() => {
-                        Some(c.updated_at.saturating_add(self.cfg.keep_terminal_ms))
-                    }
-                    _ => None,
-                }
-            })
-            .min()
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// When `c` next needs [`Dispatcher::tick`]: its offer lapses, its dispatch deadline
+    /// passes, its grace period ends, or, once finished, it is forgotten.
+    fn due_of(&self, c: &Call) -> Option<Millis> {
+        if let Some(o) = &c.offer {
+            return Some(o.expires_at);
+        }
+        match c.status {
+            CallStatus::Requested | CallStatus::Dispatching => Some(c.deadline_at),
+            CallStatus::Assigned => c.grace_until,
+            s if s.is_terminal() => Some(c.updated_at.saturating_add(self.cfg.keep_terminal_ms)),
+            _ => None,
+        }
+    }
+
+    /// Files call `id` under its current due time (none once it is forgotten).
+    fn retime(&mut self, id: &str) {
+        let due = self.calls.get(id).and_then(|c| self.due_of(c));
+        let old = self.timer_at.get(id).copied();
+        if old == due {
+            return;
+        }
+        if let Some(o) = old {
+            self.timers.remove(&(o, id.to_string()));
+        }
+        match due {
+            Some(at) => {
+                self.timers.insert((at, id.to_string()));
+                self.timer_at.insert(id.to_string(), at);
+            }
+            None => {
+                self.timer_at.remove(id);
+            }
+        }
+    }
+
+    /// Rebuilds every call's due time (start, new settings).
+    fn retime_all(&mut self) {
+        self.timers.clear();
+        self.timer_at.clear();
+        for c in self.calls.values() {
+            if let Some(at) = self.due_of(c) {
+                self.timers.insert((at, c.id.clone()));
+                self.timer_at.insert(c.id.clone(), at);
+            }
+        }
     }
 
     /// Whether [`Dispatcher::assign_pending`] has work.
     pub fn wants_assign(&self) -> bool {
         self.rematch
-            || self.pending.iter().any(|(_, id)| {
-                self.calls
-                    .get(id)
-                    .is_some_and(|c| c.status == CallStatus::Requested)
-            })
+            || !self.fresh.is_empty()
+            || !self.freed.is_empty()
+            || !self.requeued.is_empty()
+    }
+
+    /// What a search for a courier for `call` must satisfy.
+    fn need<'a>(&self, call: &'a Call) -> Need<'a> {
+        Need {
+            lat: call.location.lat,
+            lon: call.location.lon,
+            class: call.parcel.class,
+            radius_m: self.cfg.radius_m,
+            excluded: &call.declined,
+            location_max_age_ms: self.cfg.location_max_age_ms,
+        }
     }
 }

@@ -564,3 +564,245 @@ fn every_customer_event_notifies_with_the_documented_vars_in_order() {
     });
     assert!(!d.config().webhook);
 }
+
+#[test]
+fn counters_follow_presence_and_pending_calls() {
+    let mut d = disp(Mode::Auto);
+    online(&mut d, "a", Vehicle::Car, 37.5001, 127.0, T0);
+    online(&mut d, "a", Vehicle::Car, 37.5001, 127.0, T0 + 1);
+    online(&mut d, "b", Vehicle::Car, 38.5, 127.0, T0 + 2);
+    assert_eq!(d.online_count(), 2);
+    offline(&mut d, "b", T0 + 3);
+    offline(&mut d, "b", T0 + 4);
+    assert_eq!(d.online_count(), 1);
+    // c1 goes to a; c2 and c3 wait; cancelling c2 leaves one waiting.
+    create(&mut d, "c1", ParcelClass::Light, T0 + 5);
+    create(&mut d, "c2", ParcelClass::Light, T0 + 6);
+    create(&mut d, "c3", ParcelClass::Light, T0 + 7);
+    assert_eq!(d.pending_count(), 2);
+    d.cancel_call("c2", None, CancelledBy::Customer, None, T0 + 8);
+    assert_eq!(d.pending_count(), 1);
+    assert!(!d.wants_assign());
+    // Restored state counts the same.
+    let mut d2 = disp(Mode::Auto);
+    d2.restore(
+        d.calls().cloned().collect(),
+        d.couriers().cloned().collect(),
+    );
+    assert_eq!(d2.online_count(), 1);
+    assert_eq!(d2.pending_count(), 1);
+}
+
+/// Random sequences of inputs, applied to the dispatcher and to a reference that rebuilds
+/// its timers and searches every pending call again before each assign pass (as after a
+/// restart): decisions must be the same, and the next wake-up must be the earliest due
+/// time over every call in memory.
+mod equivalence {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Online { c: u8, heavy: bool, dx: i8, dy: i8 },
+        Offline { c: u8 },
+        Move { c: u8, dx: i8, dy: i8 },
+        Create { heavy: bool, dx: i8, dy: i8 },
+        Cancel { k: u8 },
+        Reply { k: u8, action: u8, stranger: bool },
+        Advance { s: u16 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u8..6, any::<bool>(), -12i8..12, -12i8..12)
+                .prop_map(|(c, heavy, dx, dy)| Step::Online { c, heavy, dx, dy }),
+            (0u8..6).prop_map(|c| Step::Offline { c }),
+            (0u8..6, -12i8..12, -12i8..12).prop_map(|(c, dx, dy)| Step::Move { c, dx, dy }),
+            (any::<bool>(), -12i8..12, -12i8..12).prop_map(|(heavy, dx, dy)| Step::Create {
+                heavy,
+                dx,
+                dy
+            }),
+            (0u8..16).prop_map(|k| Step::Cancel { k }),
+            (0u8..16, 0u8..4, any::<bool>()).prop_map(|(k, action, stranger)| Step::Reply {
+                k,
+                action,
+                stranger
+            }),
+            (0u16..90).prop_map(|s| Step::Advance { s }),
+        ]
+    }
+
+    fn config(mode: Mode) -> DispatchConfig {
+        DispatchConfig {
+            mode,
+            radius_m: 3_000.0,
+            deadline_ms: 60_000,
+            offer_timeout_ms: 10_000,
+            grace_ms: 20_000,
+            keep_terminal_ms: 120_000,
+            location_max_age_ms: 100_000,
+            ..DispatchConfig::default()
+        }
+    }
+
+    /// The earliest due time over every call, computed the long way.
+    fn brute_wakeup(d: &Dispatcher) -> Option<i64> {
+        let keep = d.config().keep_terminal_ms;
+        d.calls()
+            .filter_map(|c| {
+                if let Some(o) = &c.offer {
+                    return Some(o.expires_at);
+                }
+                match c.status {
+                    CallStatus::Requested | CallStatus::Dispatching => Some(c.deadline_at),
+                    CallStatus::Assigned => c.grace_until,
+                    s if s.is_terminal() => Some(c.updated_at + keep),
+                    _ => None,
+                }
+            })
+            .min()
+    }
+
+    fn apply(d: &mut Dispatcher, s: &Step, now: i64, created: &[String]) -> Decision {
+        let pos = |dx: i8, dy: i8| (37.5 + f64::from(dx) * 0.002, 127.0 + f64::from(dy) * 0.002);
+        let call = |k: u8| created.get(usize::from(k) % created.len().max(1)).cloned();
+        match s {
+            Step::Online { c, heavy, dx, dy } => {
+                let (lat, lon) = pos(*dx, *dy);
+                let v = if *heavy {
+                    Vehicle::Van
+                } else {
+                    Vehicle::Scooter
+                };
+                let mut dec = d.presence(
+                    &format!("k{c}"),
+                    Presence {
+                        state: PresenceState::Online,
+                        available: true,
+                        name: None,
+                        vehicle: Some(v),
+                        tel: None,
+                        at: None,
+                    },
+                    now,
+                );
+                dec.absorb(d.location(
+                    &format!("k{c}"),
+                    CourierLocation {
+                        lat,
+                        lon,
+                        at: Some(now),
+                    },
+                    now,
+                ));
+                dec
+            }
+            Step::Offline { c } => offline(d, &format!("k{c}"), now),
+            Step::Move { c, dx, dy } => {
+                let (lat, lon) = pos(*dx, *dy);
+                d.location(
+                    &format!("k{c}"),
+                    CourierLocation {
+                        lat,
+                        lon,
+                        at: Some(now),
+                    },
+                    now,
+                )
+            }
+            Step::Create { heavy, dx, dy } => {
+                let id = format!("c{}", created.len());
+                let mut n = new_call(
+                    &id,
+                    if *heavy {
+                        ParcelClass::Heavy
+                    } else {
+                        ParcelClass::Light
+                    },
+                );
+                let (lat, lon) = pos(*dx, *dy);
+                n.req.location.lat = lat;
+                n.req.location.lon = lon;
+                d.create_call(n, now)
+            }
+            Step::Cancel { k } => match call(*k) {
+                Some(id) => d.cancel_call(&id, None, CancelledBy::Customer, None, now),
+                None => Decision::default(),
+            },
+            Step::Reply {
+                k,
+                action,
+                stranger,
+            } => {
+                let Some(id) = call(*k) else {
+                    return Decision::default();
+                };
+                let Some(c) = d.call(&id) else {
+                    return Decision::default();
+                };
+                let holder = c
+                    .courier
+                    .as_ref()
+                    .map(|b| b.courier_id.clone())
+                    .or_else(|| c.offer.as_ref().map(|o| o.courier_id.clone()));
+                let cid = match (holder, stranger) {
+                    (Some(h), false) => h,
+                    _ => "k0".to_string(),
+                };
+                let action = [
+                    JobAction::Accept,
+                    JobAction::Decline,
+                    JobAction::PickedUp,
+                    JobAction::Completed,
+                ][usize::from(*action)];
+                let mut r = reply(&id, action);
+                r.pickup_code = Some("4321".into());
+                d.job_reply(&cid, r, now)
+            }
+            Step::Advance { .. } => d.tick(now),
+        }
+    }
+
+    fn run(mode: Mode, steps: &[Step]) -> Result<(), TestCaseError> {
+        let topics = Topics::new("t").unwrap();
+        let mut a = Dispatcher::new(config(mode), topics.clone());
+        let mut b = Dispatcher::new(config(mode), topics);
+        let mut now = T0;
+        let mut created = Vec::new();
+        for s in steps {
+            if let Step::Advance { s } = s {
+                now += i64::from(*s) * 1_000;
+            }
+            now += 1;
+            let da = apply(&mut a, s, now, &created);
+            b.set_config(config(mode));
+            let db = apply(&mut b, s, now, &created);
+            prop_assert_eq!(&da, &db, "decision for {:?}", s);
+            if let Step::Create { .. } = s {
+                created.push(format!("c{}", created.len()));
+            }
+            let da = a.assign_pending(now);
+            b.set_config(config(mode));
+            let db = b.assign_pending(now);
+            prop_assert_eq!(&da, &db, "assign pass after {:?}", s);
+            prop_assert_eq!(a.next_wakeup(), brute_wakeup(&a), "wake-up after {:?}", s);
+            prop_assert_eq!(a.pending_count(), b.pending_count());
+            prop_assert_eq!(a.online_count(), b.couriers().filter(|c| c.online).count());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn auto_mode_matches_reference(steps in proptest::collection::vec(step(), 1..80)) {
+            run(Mode::Auto, &steps)?;
+        }
+
+        #[test]
+        fn offer_mode_matches_reference(steps in proptest::collection::vec(step(), 1..80)) {
+            run(Mode::Offer, &steps)?;
+        }
+    }
+}

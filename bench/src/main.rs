@@ -1,0 +1,764 @@
+//! `pickup-bench`: how fast pickupd is on this machine, measured against what the machine
+//! and the broker allow in the same run.
+//!
+//! Layout:
+//! - `load`: kiosks, couriers, the state watcher and the echo responder (MQTT clients);
+//! - `setup`: the daemon under test (in-process or as a child process) and Mosquitto;
+//! - `sqlite`: the commit-rate baseline and generated databases with many calls;
+//! - `micro`: candidate search, grid index against the linear scan;
+//! - `procstat`: CPU per thread and memory from `/proc`;
+//! - `stats`: percentiles.
+//!
+//! docs/performance.md explains the modes, the figures and how to reproduce them.
+
+mod load;
+mod micro;
+mod procstat;
+mod setup;
+mod sqlite;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::load::{PhaseOpts, PhaseResult, Rig, RigOpts};
+use crate::procstat::{Memory, ThreadTimes};
+use crate::setup::{BrokerChoice, DaemonChild, Mosquitto};
+use crate::stats::ratio;
+
+/// Measures pickupd on this machine against an MQTT echo and SQLite's commit rate.
+///
+/// Without a mode flag: the load run (SQLite baseline, echo baseline, pickupd flat out,
+/// pickupd at half that rate). `--micro`, `--memory`, `--startup` run those measurements
+/// instead; `--all` runs everything.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Measured seconds per load phase.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured seconds at the start of each load phase.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Kiosk clients.
+    #[arg(long, default_value_t = 16)]
+    kiosks: usize,
+    /// Requests in flight per kiosk when flat out.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Courier clients (each finishes its jobs at once, so it is free again).
+    #[arg(long, default_value_t = 32)]
+    couriers: usize,
+    /// Couriers keep their first job instead of finishing it (later calls stay queued).
+    #[arg(long)]
+    keep_jobs: bool,
+    /// Only this offered rate (calls/s), open loop, instead of flat out + half rate.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// An external broker (mqtt://host:port) for the daemon and every client.
+    #[arg(long, conflicts_with = "mosquitto")]
+    broker: Option<String>,
+    /// Start Debian's mosquitto on a free port and use it.
+    #[arg(long)]
+    mosquitto: bool,
+    /// Leave Nagle on in the broker (embedded: broker.tcp_nodelay = false; with
+    /// --mosquitto: set_tcp_nodelay false). Shows what the missing TCP_NODELAY costs.
+    #[arg(long)]
+    nagle: bool,
+    /// Run the daemon without logging (by default it logs at info to DIR/pickupd.log, as
+    /// in production, where each accepted call is one log line).
+    #[arg(long)]
+    no_log: bool,
+    /// Seconds of the SQLite commit-rate baseline.
+    #[arg(long, default_value_t = 3.0)]
+    sqlite_secs: f64,
+    /// Directory for databases and logs (default: a fresh temporary directory). Use one
+    /// on the disk the daemon will use: the baselines are about that disk.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Candidate search micro-benchmark only.
+    #[arg(long)]
+    micro: bool,
+    /// Couriers in the micro-benchmark.
+    #[arg(long, default_value_t = 100_000)]
+    micro_couriers: usize,
+    /// Queries per round in the micro-benchmark.
+    #[arg(long, default_value_t = 500)]
+    micro_queries: usize,
+    /// Rounds in the micro-benchmark.
+    #[arg(long, default_value_t = 5)]
+    micro_rounds: usize,
+    /// Memory only: daemon RSS with many couriers online and many calls stored.
+    #[arg(long)]
+    memory: bool,
+    /// Couriers online for --memory.
+    #[arg(long, default_value_t = 10_000)]
+    mem_couriers: usize,
+    /// Calls in the database for --memory.
+    #[arg(long, default_value_t = 100_000)]
+    mem_calls: usize,
+    /// Start-up only: start to READY with many calls in the database.
+    #[arg(long)]
+    startup: bool,
+    /// Calls in the database for --startup (the file is kept in DIR and reused).
+    #[arg(long, default_value_t = 1_000_000)]
+    startup_calls: usize,
+    /// Starts measured for --startup.
+    #[arg(long, default_value_t = 3)]
+    startup_runs: usize,
+    /// Drop the page cache before each start (root only): a cold start as after a boot.
+    #[arg(long)]
+    cold: bool,
+    /// Everything: load run, micro, memory, start-up.
+    #[arg(long)]
+    all: bool,
+    #[command(subcommand)]
+    child: Option<ChildCmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ChildCmd {
+    /// (internal) Runs the daemon alone in this process for --memory and --startup.
+    #[command(hide = true)]
+    DaemonChild {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let started = Instant::now();
+    let args = Args::parse();
+    if let Some(ChildCmd::DaemonChild { site, db, url, log }) = &args.child {
+        if let Some(l) = log {
+            init_log(l);
+        }
+        if let Err(e) = setup::run_child(started, site, db, url.as_deref()) {
+            eprintln!("daemon-child: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Err(e) = run(args) {
+        eprintln!("pickup-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_log(path: &Path) {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let filter = tracing_subscriber::EnvFilter::new(pickupd::logging::filter_for("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::sync::Mutex::new(f))
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("pickup-bench").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut report = BTreeMap::<String, Value>::new();
+    report.insert("machine".into(), machine(&dir));
+    let modes_given = args.micro || args.memory || args.startup;
+    let load = args.all || !modes_given;
+    if load {
+        report.insert("load".into(), load_run(&args, &dir)?);
+    }
+    if args.all || args.micro {
+        println!("\n== candidate search: grid index vs linear scan ==");
+        let r = micro::run(args.micro_couriers, args.micro_queries, args.micro_rounds);
+        println!(
+            "{:<26} {:>9} {:>12} {:>12} {:>9} {:>10}",
+            "scenario", "couriers", "grid p50", "linear p50", "speedup", "mismatch"
+        );
+        for s in &r {
+            println!(
+                "{:<26} {:>9} {:>12} {:>12} {:>8.1}x {:>10}",
+                s.scenario,
+                s.couriers,
+                micro::us(s.grid.p50_ms),
+                micro::us(s.linear.p50_ms),
+                s.speedup_median,
+                s.mismatches
+            );
+        }
+        report.insert("micro".into(), serde_json::to_value(&r)?);
+    }
+    if args.all || args.memory {
+        report.insert("memory".into(), memory_run(&args, &dir)?);
+    }
+    if args.all || args.startup {
+        report.insert("startup".into(), startup_run(&args, &dir)?);
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_vec_pretty(&report)?)?;
+        println!("\nresults written to {}", out.display());
+    }
+    Ok(())
+}
+
+fn machine(dir: &Path) -> Value {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    json!({"cpus": cpus, "cpu_model": model, "kernel": kernel, "dir": dir.display().to_string(),
+           "at_unix_ms": pickupd::store::now_ms()})
+}
+
+fn runtime(name: &str, workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+fn site() -> String {
+    format!("bench{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// CPU seconds per group over a phase, and per daemon thread.
+#[derive(Debug, Clone, Serialize)]
+struct Cpu {
+    /// Wall seconds of the phase (warm-up included).
+    wall_s: f64,
+    /// CPU seconds per group (daemon, broker, clients, other).
+    groups: BTreeMap<String, f64>,
+    /// CPU seconds per daemon thread name.
+    daemon_threads: BTreeMap<String, f64>,
+    /// Daemon CPU as a share of one core.
+    daemon_core_share: f64,
+    /// Daemon CPU microseconds per accepted request.
+    daemon_us_per_accepted: f64,
+    /// Broker CPU microseconds per accepted request.
+    broker_us_per_accepted: f64,
+}
+
+struct CpuMark {
+    at: Instant,
+    own: ThreadTimes,
+    broker: Option<(u32, ThreadTimes)>,
+}
+
+impl CpuMark {
+    fn now(broker_pid: Option<u32>) -> Self {
+        Self {
+            at: Instant::now(),
+            own: ThreadTimes::read(None),
+            broker: broker_pid.map(|p| (p, ThreadTimes::read(Some(p)))),
+        }
+    }
+
+    fn since(&self, accepted: u64) -> Cpu {
+        let wall_s = self.at.elapsed().as_secs_f64();
+        let now = ThreadTimes::read(None);
+        let mut groups = now.since(&self.own);
+        if let Some((pid, before)) = &self.broker {
+            let b: f64 = ThreadTimes::read(Some(*pid)).since(before).values().sum();
+            *groups.entry("broker".into()).or_default() += b;
+        }
+        let daemon = groups.get("daemon").copied().unwrap_or(0.0);
+        let broker = groups.get("broker").copied().unwrap_or(0.0);
+        Cpu {
+            wall_s,
+            daemon_threads: now.threads_since(&self.own, "daemon"),
+            groups,
+            daemon_core_share: daemon / wall_s.max(1e-9),
+            daemon_us_per_accepted: ratio(daemon * 1e6, accepted as f64),
+            broker_us_per_accepted: ratio(broker * 1e6, accepted as f64),
+        }
+    }
+}
+
+/// Counters of the daemon's writer and publisher, to report what one phase did.
+#[derive(Debug, Clone, Copy, Default)]
+struct StoreMark {
+    commits: u64,
+    jobs: u64,
+    published: u64,
+}
+
+fn store_mark(r: &pickupd::app::Running) -> StoreMark {
+    StoreMark {
+        commits: r.writer_stats.commits.load(Ordering::Relaxed),
+        jobs: r.writer_stats.jobs.load(Ordering::Relaxed),
+        published: r.publisher_stats.published.load(Ordering::Relaxed),
+    }
+}
+
+fn store_since(r: &pickupd::app::Running, m: StoreMark, seconds: f64) -> Value {
+    let n = store_mark(r);
+    let commits = n.commits - m.commits;
+    let jobs = n.jobs - m.jobs;
+    json!({
+        "commits": commits,
+        "commits_per_s": commits as f64 / seconds.max(1e-9),
+        "jobs": jobs,
+        "jobs_per_commit": ratio(jobs as f64, commits as f64),
+        "published": n.published - m.published,
+        "outbox_unacked_at_end": r.publisher_stats.unacked.load(Ordering::Relaxed),
+        "writer_queued_at_end": r.writer_stats.queued.load(Ordering::Relaxed),
+    })
+}
+
+fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
+    let broker = match (&args.broker, args.mosquitto) {
+        (Some(u), _) => BrokerChoice::External(u.clone()),
+        (None, true) => BrokerChoice::Mosquitto {
+            nodelay: !args.nagle,
+        },
+        (None, false) => BrokerChoice::Embedded {
+            nodelay: !args.nagle,
+        },
+    };
+    println!("== pickupd load run: {} ==", broker.describe());
+    println!("dir {}", dir.display());
+    // 1. SQLite's own commit rate on this disk.
+    let sq = sqlite::commit_rate(dir, Duration::from_secs_f64(args.sqlite_secs))?;
+    println!(
+        "sqlite: {:.0} commits/s (p50 {:.2} ms, p99 {:.2} ms) — {}",
+        sq.commits_per_s, sq.commit_latency.p50_ms, sq.commit_latency.p99_ms, sq.settings
+    );
+    // 2. Broker and daemon.
+    let mosq = match &broker {
+        BrokerChoice::Mosquitto { nodelay } => Some(Mosquitto::start(dir, *nodelay)?),
+        _ => None,
+    };
+    let url = match (&broker, &mosq) {
+        (BrokerChoice::External(u), _) => Some(u.clone()),
+        (_, Some(m)) => Some(format!("mqtt://{}", m.addr)),
+        _ => None,
+    };
+    let site = site();
+    let db = dir.join(format!("{site}.db"));
+    if !args.no_log {
+        init_log(&dir.join("pickupd.log"));
+    }
+    let cfg = setup::daemon_config(&site, &db, &broker, url.as_deref());
+    let drt = runtime("pickupd-rt", 2)?;
+    let brt = runtime("bench-client", 2)?;
+    let running = drt.block_on(async {
+        let r = pickupd::app::start(cfg).await?;
+        let mut ready = r.ready.clone();
+        tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|x| *x)).await??;
+        anyhow::Ok(r)
+    })?;
+    let addr = running.broker_addr;
+    let broker_pid = mosq.as_ref().map(Mosquitto::pid);
+    let stats = running.stats.clone();
+    let rig_opts = RigOpts {
+        site: site.clone(),
+        kiosks: args.kiosks,
+        couriers: args.couriers,
+        finish_jobs: !args.keep_jobs,
+        watch_states: true,
+    };
+    let phase = |echo: bool, rate: Option<f64>| PhaseOpts {
+        echo,
+        rate,
+        window: args.window,
+        warmup: Duration::from_secs_f64(args.warmup),
+        duration: Duration::from_secs_f64(args.duration),
+    };
+    let running = Arc::new(running);
+    let r2 = running.clone();
+    let result = brt.block_on(async move {
+        let running = r2;
+        let rig = Rig::connect(addr, &rig_opts, || {
+            stats.couriers_online.load(Ordering::Relaxed)
+        })
+        .await?;
+        println!(
+            "{} kiosks x {} in flight, {} couriers, phases of {} s after {} s warm-up",
+            args.kiosks, args.window, args.couriers, args.duration, args.warmup
+        );
+        // 3. Echo baseline through the same broker.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let responder = tokio::spawn(load::echo_responder(
+            addr,
+            rig.echo_topic().to_string(),
+            ready_tx,
+            stop_rx,
+        ));
+        tokio::time::timeout(Duration::from_secs(10), ready_rx).await??;
+        let echo = measured(&rig, phase(true, None), broker_pid, None).await;
+        let _ = stop_tx.send(true);
+        let _ = responder.await;
+        print_phase("echo, flat out", &echo.0);
+        // 4. pickupd flat out, then at half that rate (or only at --rate).
+        let mut runs = Vec::new();
+        let rates: Vec<Option<f64>> = match args.rate {
+            Some(r) => vec![Some(r)],
+            None => vec![None],
+        };
+        for r in rates {
+            let m = measured(&rig, phase(false, r), broker_pid, Some(&running)).await;
+            print_phase(&label(r), &m.0);
+            runs.push(m);
+            rig.quiesce(Duration::from_secs(10)).await;
+        }
+        if args.rate.is_none() {
+            let half = (runs[0].0.accepted_per_s / 2.0).max(1.0);
+            let m = measured(&rig, phase(false, Some(half)), broker_pid, Some(&running)).await;
+            print_phase(&label(Some(half)), &m.0);
+            runs.push(m);
+            rig.quiesce(Duration::from_secs(10)).await;
+        }
+        let states = rig.states_seen();
+        rig.close().await;
+        anyhow::Ok((echo, runs, states))
+    });
+    let running =
+        Arc::try_unwrap(running).map_err(|_| anyhow::anyhow!("daemon handle still shared"))?;
+    let peak = Memory::read(None);
+    drt.block_on(running.shutdown(Duration::from_secs(10)))?;
+    drop(brt);
+    drop(drt);
+    drop(mosq);
+    let (echo, runs, states_seen) = result?;
+    let echo_rate = echo.0.accepted_per_s;
+    let max = &runs[0].0;
+    let mut out = json!({
+        "broker": broker.describe(),
+        "kiosks": args.kiosks, "window": args.window, "couriers": args.couriers,
+        "couriers_finish_jobs": !args.keep_jobs, "daemon_logging": !args.no_log,
+        "sqlite_baseline": sq,
+        "echo_baseline": {"result": echo.0, "cpu": echo.1},
+        "pickupd": runs.iter().map(|(r, c, s)| json!({"result": r, "cpu": c, "store": s})).collect::<Vec<_>>(),
+        "state_messages_seen": states_seen,
+        "process_peak_rss_mib": peak.peak_rss_mib,
+    });
+    let mut ratios = json!({
+        "accepted_per_s_vs_echo_per_s": ratio(max.accepted_per_s, echo_rate),
+        "accepted_per_s_vs_sqlite_commits_per_s": ratio(max.accepted_per_s, sq.commits_per_s),
+        "p50_vs_echo_p50": ratio(max.latency.p50_ms, echo.0.latency.p50_ms),
+        "p99_vs_echo_p99": ratio(max.latency.p99_ms, echo.0.latency.p99_ms),
+    });
+    if let Some((half, _, _)) = runs.get(1) {
+        ratios["half_rate_p99_ms"] = json!(half.latency.p99_ms);
+    }
+    out["ratios"] = ratios.clone();
+    println!("\nratios (pickupd flat out vs baselines):");
+    println!(
+        "  accepted/s ÷ echo/s            {:>7.2}   ({:.0} / {:.0})",
+        ratio(max.accepted_per_s, echo_rate),
+        max.accepted_per_s,
+        echo_rate
+    );
+    println!(
+        "  accepted/s ÷ sqlite commits/s  {:>7.2}   ({:.0} / {:.0})",
+        ratio(max.accepted_per_s, sq.commits_per_s),
+        max.accepted_per_s,
+        sq.commits_per_s
+    );
+    println!(
+        "  p50 ÷ echo p50                 {:>7.2}   ({:.2} ms / {:.2} ms)",
+        ratio(max.latency.p50_ms, echo.0.latency.p50_ms),
+        max.latency.p50_ms,
+        echo.0.latency.p50_ms
+    );
+    println!(
+        "  p99 ÷ echo p99                 {:>7.2}   ({:.2} ms / {:.2} ms)",
+        ratio(max.latency.p99_ms, echo.0.latency.p99_ms),
+        max.latency.p99_ms,
+        echo.0.latency.p99_ms
+    );
+    println!("\nCPU (seconds over each phase incl. warm-up; µs per accepted request):");
+    let rows = std::iter::once(("echo", &echo.1)).chain(runs.iter().map(|r| ("pickupd", &r.1)));
+    for (name, c) in rows {
+        println!(
+            "  {name:<8} wall {:>5.1} s  daemon {:>5.2} s ({:>4.0}% core, {:>6.0} µs/req)  broker {:>5.2} s ({:>5.0} µs/req)  clients {:>5.2} s",
+            c.wall_s,
+            c.groups.get("daemon").unwrap_or(&0.0),
+            c.daemon_core_share * 100.0,
+            c.daemon_us_per_accepted,
+            c.groups.get("broker").unwrap_or(&0.0),
+            c.broker_us_per_accepted,
+            c.groups.get("clients").unwrap_or(&0.0),
+        );
+    }
+    for (r, c, s) in &runs {
+        println!(
+            "  daemon threads at {}: {}",
+            label(r.offered_rate),
+            c.daemon_threads
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  store: {} commits ({:.0}/s), {:.1} jobs/commit; outbox unacked at end {}",
+            s["commits"],
+            s["commits_per_s"].as_f64().unwrap_or(0.0),
+            s["jobs_per_commit"].as_f64().unwrap_or(0.0),
+            s["outbox_unacked_at_end"]
+        );
+    }
+    println!(
+        "  process peak RSS (daemon, broker and clients together): {:.1} MiB",
+        peak.peak_rss_mib
+    );
+    Ok(out)
+}
+
+fn label(rate: Option<f64>) -> String {
+    match rate {
+        None => "pickupd, flat out".into(),
+        Some(r) => format!("pickupd at {r:.0}/s"),
+    }
+}
+
+async fn measured(
+    rig: &Rig,
+    p: PhaseOpts,
+    broker_pid: Option<u32>,
+    running: Option<&pickupd::app::Running>,
+) -> (PhaseResult, Cpu, Value) {
+    let mark = CpuMark::now(broker_pid);
+    let sm = running.map(store_mark);
+    let r = rig.phase(p).await;
+    let cpu = mark.since(r.accepted);
+    let store = match (running, sm) {
+        (Some(run), Some(m)) => store_since(run, m, cpu.wall_s),
+        _ => Value::Null,
+    };
+    (r, cpu, store)
+}
+
+fn print_phase(name: &str, r: &PhaseResult) {
+    println!(
+        "{name:<22} {:>8.0} ok/s  sent {:>7} ok {:>7} busy {:>5} err {:>3} t/o {:>3} | latency p50 {:>6.2} p95 {:>6.2} p99 {:>6.2} max {:>7.2} ms",
+        r.accepted_per_s, r.sent, r.accepted, r.busy, r.errors, r.timeouts,
+        r.latency.p50_ms, r.latency.p95_ms, r.latency.p99_ms, r.latency.max_ms
+    );
+    if r.kind == "create" {
+        println!(
+            "{:<22} create→assigned p50 {:.2} p95 {:.2} p99 {:.2} max {:.2} ms ({} seen, {} not seen); jobs finished {}, job errors {}",
+            "",
+            r.create_to_assigned.p50_ms,
+            r.create_to_assigned.p95_ms,
+            r.create_to_assigned.p99_ms,
+            r.create_to_assigned.max_ms,
+            r.create_to_assigned.count,
+            r.not_seen_assigned,
+            r.jobs_finished,
+            r.job_errors
+        );
+    }
+}
+
+fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
+    println!(
+        "\n== memory: {} couriers online, {} calls in the database ==",
+        args.mem_couriers, args.mem_calls
+    );
+    let h = sqlite::History {
+        calls: args.mem_calls,
+        recent: 2_000.min(args.mem_calls / 2),
+        live: 0,
+        events_per_call: 5,
+    };
+    let src = dir.join(format!("mem-{}.db", args.mem_calls));
+    let g = sqlite::generate(&src, h)?;
+    println!(
+        "database: {:.0} MiB, written in {:.1} s",
+        g.size_mib, g.seconds
+    );
+    let mut brokers = vec![("embedded", None::<Mosquitto>)];
+    match Mosquitto::start(dir, true) {
+        Ok(m) => brokers.push(("mosquitto", Some(m))),
+        Err(e) => println!("(mosquitto not measured: {e})"),
+    }
+    let brt = runtime("bench-client", 2)?;
+    let mut out = Vec::new();
+    for (name, mosq) in brokers {
+        let db = dir.join(format!("mem-run-{name}.db"));
+        std::fs::copy(&src, &db)?;
+        let site = site();
+        let url = mosq.as_ref().map(|m| format!("mqtt://{}", m.addr));
+        let child = DaemonChild::spawn(
+            &site,
+            &db,
+            url.as_deref(),
+            Some(&dir.join("pickupd-child.log")),
+        )?;
+        let pid = child.pid();
+        let at_ready = Memory::read(Some(pid));
+        let addr = child.addr;
+        let n = args.mem_couriers;
+        let t0 = Instant::now();
+        let links = brt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            let parts = 4;
+            for p in 0..parts {
+                let s = site.clone();
+                set.spawn(async move {
+                    load::announce_couriers(
+                        addr,
+                        &s,
+                        (p * n / parts)..((p + 1) * n / parts),
+                        8_000.0,
+                    )
+                    .await
+                });
+            }
+            let mut links = Vec::new();
+            while let Some(r) = set.join_next().await {
+                links.push(r??);
+            }
+            anyhow::Ok(links)
+        })?;
+        // Every courier online and positioned, as the daemon recorded it.
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let c: i64 = conn.query_row(
+                "SELECT count(*) FROM couriers WHERE online = 1 AND json_extract(body, '$.lat') IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            if c as usize >= n {
+                break;
+            }
+            if Instant::now() > end {
+                anyhow::bail!("only {c} of {n} couriers recorded after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let settle_s = t0.elapsed().as_secs_f64();
+        let m = Memory::read(Some(pid));
+        println!(
+            "{name:<10} daemon RSS at READY {:.1} MiB; with {n} couriers online {:.1} MiB (peak {:.1} MiB); {n} couriers recorded in {:.1} s",
+            at_ready.rss_mib, m.rss_mib, m.peak_rss_mib, settle_s
+        );
+        out.push(json!({"broker": name, "rss_at_ready_mib": at_ready.rss_mib, "rss_mib": m.rss_mib,
+                        "peak_rss_mib": m.peak_rss_mib, "couriers": n, "calls_in_db": args.mem_calls,
+                        "calls_loaded": h.recent + h.live, "couriers_recorded_s": settle_s}));
+        drop(conn);
+        child.stop()?;
+        drop(links);
+        drop(mosq);
+        let _ = std::fs::remove_file(&db);
+    }
+    Ok(json!({"database": g, "runs": out}))
+}
+
+fn drop_caches() -> bool {
+    // SAFETY: sync(2) takes no arguments and only flushes buffers.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").is_ok()
+}
+
+fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
+    println!(
+        "\n== start to READY with {} calls in the database ==",
+        args.startup_calls
+    );
+    let h = sqlite::History {
+        calls: args.startup_calls,
+        recent: 1_000.min(args.startup_calls / 2),
+        live: 100.min(args.startup_calls / 4),
+        events_per_call: 5,
+    };
+    let db = dir.join(format!("startup-{}.db", args.startup_calls));
+    let g = sqlite::generate(&db, h)?;
+    println!(
+        "database: {:.0} MiB ({}), {}",
+        g.size_mib,
+        db.display(),
+        if g.seconds > 0.0 {
+            format!("written in {:.1} s", g.seconds)
+        } else {
+            "reused".into()
+        }
+    );
+    let plans = sqlite::start_query_plans(&db)?;
+    for (q, steps) in &plans {
+        println!("  plan: {q}\n        {}", steps.join(" | "));
+    }
+    let mut runs = Vec::new();
+    for i in 0..args.startup_runs {
+        let cold = args.cold && drop_caches();
+        // Where the time goes: the store's part, measured on its own first.
+        let t = Instant::now();
+        let conn = pickupd::store::open(&db)?;
+        let open_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let loaded = pickupd::store::load(&conn, &db, pickupd::store::now_ms(), 600_000)?;
+        let load_ms = t.elapsed().as_secs_f64() * 1e3;
+        drop(conn);
+        if args.cold {
+            drop_caches();
+        }
+        let site = site();
+        let child = DaemonChild::spawn(&site, &db, None, Some(&dir.join("pickupd-child.log")))?;
+        let mem = Memory::read(Some(child.pid()));
+        println!(
+            "  run {}: READY after {:.1} ms (in the daemon: {:.1} ms){}; store::open {:.1} ms, store::load {:.1} ms ({} calls loaded); RSS {:.1} MiB",
+            i + 1, child.ready_ms_outside, child.ready_ms_inside,
+            if cold { ", cold cache" } else { "" },
+            open_ms, load_ms, loaded.calls.len(), mem.rss_mib
+        );
+        runs.push(
+            json!({"ready_ms": child.ready_ms_outside, "ready_ms_in_daemon": child.ready_ms_inside,
+                         "cold_cache": cold, "store_open_ms": open_ms, "store_load_ms": load_ms,
+                         "calls_loaded": loaded.calls.len(), "rss_mib": mem.rss_mib}),
+        );
+        child.stop()?;
+    }
+    let med = stats::median(
+        &runs
+            .iter()
+            .filter_map(|r| r["ready_ms"].as_f64())
+            .collect::<Vec<_>>(),
+    );
+    println!("  median start to READY: {med:.1} ms");
+    Ok(json!({"database": g, "plans": plans, "runs": runs, "median_ready_ms": med}))
+}
