@@ -56,9 +56,11 @@ struct Args {
     /// Courier clients (each finishes its jobs at once, so it is free again).
     #[arg(long, default_value_t = 32)]
     couriers: usize,
-    /// Couriers keep their first job instead of finishing it (later calls stay queued).
+    /// Measure the create path alone: couriers keep their first job (later calls wait
+    /// for a courier, as in a rush) and the limit on calls waiting for a courier
+    /// (limits.max_dispatching) is lifted, so that nothing is shed for it.
     #[arg(long)]
-    keep_jobs: bool,
+    create_only: bool,
     /// Only this offered rate (calls/s), open loop, instead of flat out + half rate.
     #[arg(long)]
     rate: Option<f64>,
@@ -378,7 +380,10 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     if !args.no_log {
         init_log(&dir.join("pickupd.log"));
     }
-    let cfg = setup::daemon_config(&site, &db, &broker, url.as_deref());
+    let mut cfg = setup::daemon_config(&site, &db, &broker, url.as_deref());
+    if args.create_only {
+        cfg.limits.max_dispatching = 10_000_000;
+    }
     let drt = runtime("pickupd-rt", 2)?;
     let brt = runtime("bench-client", 2)?;
     let running = drt.block_on(async {
@@ -394,7 +399,7 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         site: site.clone(),
         kiosks: args.kiosks,
         couriers: args.couriers,
-        finish_jobs: !args.keep_jobs,
+        finish_jobs: !args.create_only,
         watch_states: true,
     };
     let phase = |echo: bool, rate: Option<f64>| PhaseOpts {
@@ -466,7 +471,7 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     let mut out = json!({
         "broker": broker.describe(),
         "kiosks": args.kiosks, "window": args.window, "couriers": args.couriers,
-        "couriers_finish_jobs": !args.keep_jobs, "daemon_logging": !args.no_log,
+        "create_only": args.create_only, "daemon_logging": !args.no_log,
         "sqlite_baseline": sq,
         "echo_baseline": {"result": echo.0, "cpu": echo.1},
         "pickupd": runs.iter().map(|(r, c, s)| json!({"result": r, "cpu": c, "store": s})).collect::<Vec<_>>(),

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use pickup_protocol::{Millis, ParcelClass};
 
 use super::courier::Courier;
-use super::geo::haversine_m;
+use super::geo::{haversine_m, EARTH_RADIUS_M};
 
 /// Metres per degree of latitude.
 const M_PER_DEG: f64 = 111_195.0;
@@ -131,7 +131,9 @@ impl GridIndex {
         self.where_is.insert(id.to_string(), cell);
     }
 
-    /// Best eligible courier within the radius, looking only at nearby cells.
+    /// Best eligible courier within the radius, looking only at nearby cells: rings of
+    /// cells around the pickup point's cell, nearest ring first, stopping once no courier
+    /// in a farther ring could be closer than the best found so far.
     pub fn best(
         &self,
         couriers: &HashMap<String, Courier>,
@@ -149,15 +151,80 @@ impl GridIndex {
             // A huge radius: scanning the occupied cells is cheaper than the empty ones.
             return best_linear(couriers.values(), need, now);
         }
-        let cells = (lat0..=lat1)
-            .flat_map(|la| (lon0..=lon1).map(move |lo| (la, lo)))
-            // Longitudes past ±180 wrap; the grid keeps them apart, which only matters
-            // for pickup centres on the antimeridian.
-            .filter_map(|cell| self.cells.get(&cell))
-            .flatten()
-            .filter_map(|id| couriers.get(id));
-        best_of(cells, need, now).map(candidate)
+        // Every point of the cells searched lies within this latitude (for the bound).
+        let pole = (f64::from(lat0.unsigned_abs().max((lat1 + 1).unsigned_abs())) * CELL_DEG)
+            .min(90.0)
+            .to_radians();
+        let (cla, clo) = cell_of(need.lat, need.lon);
+        let rings = (cla - lat0)
+            .max(lat1 - cla)
+            .max(clo - lon0)
+            .max(lon1 - clo)
+            .max(0);
+        let mut best: Option<(&Courier, f64)> = None;
+        for k in 0..=rings {
+            if let Some((_, d)) = best {
+                if ring_lower_bound_m(k, pole) > d {
+                    break;
+                }
+            }
+            // The cells of ring k (Chebyshev distance k from the point's cell), clipped to
+            // the box around the radius.
+            for la in (cla - k).max(lat0)..=(cla + k).min(lat1) {
+                let edge = la == cla - k || la == cla + k;
+                let mut visit = |lo: i32| {
+                    if lo < lon0 || lo > lon1 {
+                        return;
+                    }
+                    // Longitudes past ±180 wrap; the grid keeps them apart, which only
+                    // matters for pickup centres on the antimeridian.
+                    let Some(ids) = self.cells.get(&(la, lo)) else {
+                        return;
+                    };
+                    for id in ids {
+                        let Some(c) = couriers.get(id) else { continue };
+                        if let Some(d) = eligible(c, need, now) {
+                            if best.is_none_or(|b| better((c, d), b)) {
+                                best = Some((c, d));
+                            }
+                        }
+                    }
+                };
+                if edge {
+                    for lo in clo - k..=clo + k {
+                        visit(lo);
+                    }
+                } else {
+                    visit(clo - k);
+                    if k > 0 {
+                        visit(clo + k);
+                    }
+                }
+            }
+        }
+        best.map(|(c, d)| Candidate {
+            courier_id: c.id.clone(),
+            distance_m: d,
+        })
     }
+}
+
+/// A distance, in metres, that no point in a cell of ring `k` is closer than, for points
+/// at latitudes within ±`pole` radians. Such a point is at least `k - 1` whole cells away
+/// in latitude or in longitude; by the haversine formula the angular distance is then at
+/// least `2·asin(cos(pole)·sin((k - 1)·cell/2))`. Rounded down a little, so that a
+/// courier at exactly the best distance (ties go to the longest idle) is still looked at.
+fn ring_lower_bound_m(k: i32, pole: f64) -> f64 {
+    if k < 2 {
+        return 0.0;
+    }
+    let gap = f64::from(k - 1) * CELL_DEG.to_radians();
+    if gap > std::f64::consts::FRAC_PI_2 {
+        // Beyond a quarter turn of longitude the sine bound no longer holds.
+        return 0.0;
+    }
+    let a = (pole.cos().max(0.0) * (gap / 2.0).sin()).clamp(0.0, 1.0);
+    2.0 * EARTH_RADIUS_M * a.asin() * (1.0 - 1e-9) - 1e-6
 }
 
 #[cfg(test)]
@@ -241,6 +308,62 @@ mod tests {
             let b = grid.best(&map, &n, 2_000);
             prop_assert_eq!(a, b);
         }
+    }
+
+    proptest! {
+        /// The ring search stops early on a distance bound: it must still agree with the
+        /// linear scan on ties (couriers on the same spot), anywhere on the globe (the
+        /// bound depends on latitude), for any pickup point and exclusions.
+        #[test]
+        fn ring_search_matches_linear_scan(
+            base_lat in -80.0f64..80.0,
+            base_lon in -170.0f64..170.0,
+            pts in proptest::collection::vec((0u8..40, 0u8..40, 0u8..5, 0i64..4, any::<bool>(), any::<bool>()), 0..200),
+            q in (0u8..40, 0u8..40),
+            radius in 50.0f64..15_000.0,
+            heavy in any::<bool>(),
+            exclude_every in 2usize..9,
+        ) {
+            let vehicles = [Vehicle::Bicycle, Vehicle::Scooter, Vehicle::Car, Vehicle::Van, Vehicle::Truck];
+            // A coarse lattice (0.004 deg steps) makes equal distances common.
+            let at = |a: u8, b: u8| (base_lat + f64::from(a) * 0.004, base_lon + f64::from(b) * 0.004);
+            let mut map = HashMap::new();
+            let mut grid = GridIndex::default();
+            let mut excluded = BTreeSet::new();
+            for (i, (a, b, v, idle, avail, online)) in pts.iter().enumerate() {
+                let (lat, lon) = at(*a, *b);
+                let mut c = courier(&format!("c{i:03}"), lat, lon, vehicles[*v as usize], *idle);
+                c.available = *avail;
+                c.online = *online || i % 3 == 0;
+                if i % exclude_every == 0 {
+                    excluded.insert(c.id.clone());
+                }
+                grid.update(&c.id, lat, lon);
+                map.insert(c.id.clone(), c);
+            }
+            let (lat, lon) = at(q.0, q.1);
+            let n = Need {
+                lat,
+                lon,
+                class: if heavy { ParcelClass::Heavy } else { ParcelClass::Light },
+                radius_m: radius,
+                excluded: &excluded,
+                location_max_age_ms: 60_000,
+            };
+            prop_assert_eq!(best_linear(map.values(), &n, 2_000), grid.best(&map, &n, 2_000));
+        }
+    }
+
+    #[test]
+    fn ring_bound_is_below_the_nearest_point_of_the_ring() {
+        // A point at the edge of its cell and the nearest corner of a cell two rings away.
+        for lat in [0.0f64, 37.5, 60.0, 79.9] {
+            let pole = (lat + 0.03f64).to_radians();
+            let d = haversine_m(lat + 0.0099, 10.0099, lat + 0.02, 10.02);
+            assert!(ring_lower_bound_m(2, pole) <= d, "{lat}");
+            assert!(ring_lower_bound_m(2, pole) > 0.0);
+        }
+        assert_eq!(ring_lower_bound_m(1, 0.5), 0.0);
     }
 
     #[test]
