@@ -242,3 +242,34 @@ async fn retention_prunes_finished_calls_and_clears_their_state_topics() {
     assert!(rc.call("live").unwrap().is_some());
     assert!(backup(&path, &copy).is_err(), "never overwrites");
 }
+
+#[test]
+fn full_check_after_an_unclean_stop_or_on_small_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let conn = open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE filler (x BLOB); INSERT INTO filler VALUES (zeroblob(200000));",
+    )
+    .unwrap();
+    // A clean stop, as the writer does it: the log ends empty.
+    conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    drop(conn);
+    assert_eq!(full_check_reason(&path, 1024), None);
+    assert_eq!(full_check_reason(&path, u64::MAX), Some("small file"));
+    // A stop without the final checkpoint leaves frames in the log.
+    let conn = open(&path).unwrap();
+    conn.execute_batch("INSERT INTO filler VALUES (zeroblob(1000));")
+        .unwrap();
+    let wal = dir.path().join("p.db-wal");
+    std::fs::copy(&wal, dir.path().join("saved-wal")).unwrap();
+    drop(conn);
+    std::fs::copy(dir.path().join("saved-wal"), &wal).unwrap();
+    assert_eq!(
+        full_check_reason(&path, 1024),
+        Some("the last stop was not clean")
+    );
+    // Either way the file opens.
+    open(&path).unwrap();
+}
