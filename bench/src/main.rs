@@ -109,6 +109,10 @@ struct Args {
     /// Calls in the database for --memory.
     #[arg(long, default_value_t = 100_000)]
     mem_calls: usize,
+    /// Days of finished calls in the generated databases (the daemon keeps 30 by default
+    /// and republishes the retained state of every call within them at start).
+    #[arg(long, default_value_t = 29)]
+    history_days: i64,
     /// Start-up only: start to READY with many calls in the database.
     #[arg(long)]
     startup: bool,
@@ -118,12 +122,20 @@ struct Args {
     /// Starts measured for --startup.
     #[arg(long, default_value_t = 3)]
     startup_runs: usize,
+    /// Seconds --startup waits for the daemon's republishing of retained state.
+    #[arg(long, default_value_t = 120)]
+    republish_wait_s: u64,
     /// Drop the page cache before each start (root only): a cold start as after a boot.
     #[arg(long)]
     cold: bool,
     /// Everything: load run, micro, memory, start-up.
     #[arg(long)]
     all: bool,
+    /// Turn off SQLite's allocation statistics (a global mutex around every allocation)
+    /// in this process before anything opens a database: what
+    /// `SQLITE_DEFAULT_MEMSTATUS=0` at build time would give the daemon.
+    #[arg(long)]
+    sqlite_no_memstatus: bool,
     #[command(subcommand)]
     child: Option<ChildCmd>,
 }
@@ -156,6 +168,16 @@ fn main() {
             std::process::exit(1);
         }
         return;
+    }
+    if args.sqlite_no_memstatus {
+        // SAFETY: called once, before any SQLite connection exists in this process;
+        // SQLITE_CONFIG_MEMSTATUS takes one int argument.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as libc::c_int)
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            eprintln!("pickup-bench: SQLITE_CONFIG_MEMSTATUS refused ({rc})");
+        }
     }
     if let Err(e) = run(args) {
         eprintln!("pickup-bench: {e:#}");
@@ -598,6 +620,9 @@ fn print_phase(name: &str, r: &PhaseResult) {
     }
 }
 
+/// The daemon's log line once it has republished the retained state after a start.
+const REPUBLISHED: &str = "retained state republished";
+
 fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     println!(
         "\n== memory: {} couriers online, {} calls in the database ==",
@@ -608,12 +633,19 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         recent: 2_000.min(args.mem_calls / 2),
         live: 0,
         events_per_call: 5,
+        days: args.history_days,
     };
-    let src = dir.join(format!("mem-{}.db", args.mem_calls));
+    let src = dir.join(format!("mem-{}-{}d.db", args.mem_calls, args.history_days));
     let g = sqlite::generate(&src, h)?;
     println!(
-        "database: {:.0} MiB, written in {:.1} s",
-        g.size_mib, g.seconds
+        "database: {:.0} MiB, {} days of history{}",
+        g.size_mib,
+        h.days,
+        if g.seconds > 0.0 {
+            format!(", written in {:.1} s", g.seconds)
+        } else {
+            ", reused".into()
+        }
     );
     let mut brokers = vec![("embedded", None::<Mosquitto>)];
     match Mosquitto::start(dir, true) {
@@ -624,75 +656,106 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     let mut out = Vec::new();
     for (name, mosq) in brokers {
         let db = dir.join(format!("mem-run-{name}.db"));
+        // A WAL file left next to a copied database would be replayed onto it.
+        remove_db(&db);
         std::fs::copy(&src, &db)?;
         let site = site();
         let url = mosq.as_ref().map(|m| format!("mqtt://{}", m.addr));
-        let child = DaemonChild::spawn(
+        let mut child = DaemonChild::spawn(
             &site,
             &db,
             url.as_deref(),
-            Some(&dir.join("pickupd-child.log")),
+            Some(&dir.join(format!("child-{site}.log"))),
         )?;
         let pid = child.pid();
         let at_ready = Memory::read(Some(pid));
+        // At start the daemon republishes the retained state of every call within the
+        // retention period; let that finish first.
+        let republished = child.wait_log(REPUBLISHED, Duration::from_secs(600));
+        let drained = child.wait_idle(Duration::from_secs(1), Duration::from_secs(600))?;
+        let idle = Memory::read(Some(pid));
+        println!(
+            "{name:<10} READY at {:.0} ms: RSS {:.1} MiB; republishing queued by {}, sent {:.1} s later: RSS {:.1} MiB, peak {:.1} MiB",
+            child.ready_ms_outside,
+            at_ready.rss_mib,
+            republished.map_or("never".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3)),
+            drained.as_secs_f64(),
+            idle.rss_mib,
+            idle.peak_rss_mib
+        );
         let addr = child.addr;
         let n = args.mem_couriers;
         let t0 = Instant::now();
-        let links = brt.block_on(async {
-            let mut set = tokio::task::JoinSet::new();
-            let parts = 4;
-            for p in 0..parts {
-                let s = site.clone();
-                set.spawn(async move {
-                    load::announce_couriers(
-                        addr,
-                        &s,
-                        (p * n / parts)..((p + 1) * n / parts),
-                        8_000.0,
-                    )
-                    .await
-                });
-            }
-            let mut links = Vec::new();
-            while let Some(r) = set.join_next().await {
-                links.push(r??);
-            }
-            anyhow::Ok(links)
-        })?;
-        // Every courier online and positioned, as the daemon recorded it.
+        // Every courier online and positioned, as the daemon recorded it. The daemon sheds
+        // position updates when its input queue is full (they are superseded by the next
+        // one), so couriers not yet positioned send theirs again, as handhelds do.
         let conn =
             rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let positioned =
+            "SELECT id FROM couriers WHERE online = 1 AND json_extract(body, '$.lat') IS NOT NULL";
+        let mut todo: Vec<usize> = (0..n).collect();
+        let mut links = Vec::new();
+        let mut sends = 0usize;
         let end = Instant::now() + Duration::from_secs(120);
-        loop {
-            let c: i64 = conn.query_row(
-                "SELECT count(*) FROM couriers WHERE online = 1 AND json_extract(body, '$.lat') IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )?;
-            if c as usize >= n {
-                break;
-            }
+        while !todo.is_empty() {
             if Instant::now() > end {
-                anyhow::bail!("only {c} of {n} couriers recorded after 120 s");
+                anyhow::bail!(
+                    "only {} of {n} couriers recorded after 120 s",
+                    n - todo.len()
+                );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            sends += todo.len();
+            let batch = std::mem::take(&mut todo);
+            let s = site.clone();
+            links.push(brt.block_on(load::announce_couriers(addr, &s, batch, 8_000.0))?);
+            child.wait_idle(Duration::from_millis(500), Duration::from_secs(60))?;
+            let mut st = conn.prepare(positioned)?;
+            let done: std::collections::HashSet<String> = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()?;
+            todo = (0..n)
+                .filter(|i| !done.contains(&load::announced_id(*i)))
+                .collect();
         }
         let settle_s = t0.elapsed().as_secs_f64();
         let m = Memory::read(Some(pid));
+        child.trim()?;
+        let trimmed = Memory::read(Some(pid));
         println!(
-            "{name:<10} daemon RSS at READY {:.1} MiB; with {n} couriers online {:.1} MiB (peak {:.1} MiB); {n} couriers recorded in {:.1} s",
-            at_ready.rss_mib, m.rss_mib, m.peak_rss_mib, settle_s
+            "{:<10} with {n} couriers online: RSS {:.1} MiB (heap and stacks {:.1}, files {:.1}; peak {:.1}); recorded in {:.1} s ({sends} announcements)",
+            "", m.rss_mib, m.anon_mib, m.file_mib, m.peak_rss_mib, settle_s
         );
-        out.push(json!({"broker": name, "rss_at_ready_mib": at_ready.rss_mib, "rss_mib": m.rss_mib,
-                        "peak_rss_mib": m.peak_rss_mib, "couriers": n, "calls_in_db": args.mem_calls,
-                        "calls_loaded": h.recent + h.live, "couriers_recorded_s": settle_s}));
+        println!(
+            "{:<10} after the allocator returned free pages (malloc_trim): RSS {:.1} MiB (heap and stacks {:.1})",
+            "", trimmed.rss_mib, trimmed.anon_mib
+        );
+        out.push(json!({
+            "broker": name, "couriers": n, "calls_in_db": args.mem_calls,
+            "calls_loaded": h.recent + h.live,
+            "ready_ms": child.ready_ms_outside, "rss_at_ready_mib": at_ready.rss_mib,
+            "republish_queued_ms": republished.map(|d| d.as_secs_f64() * 1e3),
+            "republish_sent_s": drained.as_secs_f64(),
+            "rss_after_republish_mib": idle.rss_mib, "peak_rss_after_republish_mib": idle.peak_rss_mib,
+            "rss_mib": m.rss_mib, "anon_mib": m.anon_mib, "file_mib": m.file_mib,
+            "peak_rss_mib": m.peak_rss_mib, "rss_after_trim_mib": trimmed.rss_mib,
+            "couriers_recorded_s": settle_s, "announcements_sent": sends,
+        }));
         drop(conn);
         child.stop()?;
         drop(links);
         drop(mosq);
-        let _ = std::fs::remove_file(&db);
+        remove_db(&db);
     }
     Ok(json!({"database": g, "runs": out}))
+}
+
+/// Removes a database with its WAL and shared-memory files.
+fn remove_db(db: &Path) {
+    for ext in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(ext);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
 }
 
 fn drop_caches() -> bool {
@@ -711,8 +774,12 @@ fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         recent: 1_000.min(args.startup_calls / 2),
         live: 100.min(args.startup_calls / 4),
         events_per_call: 5,
+        days: args.history_days,
     };
-    let db = dir.join(format!("startup-{}.db", args.startup_calls));
+    let db = dir.join(format!(
+        "startup-{}-{}d.db",
+        args.startup_calls, args.history_days
+    ));
     let g = sqlite::generate(&db, h)?;
     println!(
         "database: {:.0} MiB ({}), {}",
@@ -743,7 +810,12 @@ fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             drop_caches();
         }
         let site = site();
-        let child = DaemonChild::spawn(&site, &db, None, Some(&dir.join("pickupd-child.log")))?;
+        let child = DaemonChild::spawn(
+            &site,
+            &db,
+            None,
+            Some(&dir.join(format!("child-{site}.log"))),
+        )?;
         let mem = Memory::read(Some(child.pid()));
         println!(
             "  run {}: READY after {:.1} ms (in the daemon: {:.1} ms){}; store::open {:.1} ms, store::load {:.1} ms ({} calls loaded); RSS {:.1} MiB",
@@ -751,10 +823,23 @@ fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             if cold { ", cold cache" } else { "" },
             open_ms, load_ms, loaded.calls.len(), mem.rss_mib
         );
+        let republished = child.wait_log(REPUBLISHED, Duration::from_secs(args.republish_wait_s));
+        let after = Memory::read(Some(child.pid()));
+        println!(
+            "         retained state republished {}; RSS then {:.1} MiB, peak {:.1} MiB",
+            republished.map_or(
+                format!("not within {} s", args.republish_wait_s),
+                |d| format!("after {:.0} ms", d.as_secs_f64() * 1e3)
+            ),
+            after.rss_mib,
+            after.peak_rss_mib
+        );
         runs.push(
             json!({"ready_ms": child.ready_ms_outside, "ready_ms_in_daemon": child.ready_ms_inside,
                          "cold_cache": cold, "store_open_ms": open_ms, "store_load_ms": load_ms,
-                         "calls_loaded": loaded.calls.len(), "rss_mib": mem.rss_mib}),
+                         "calls_loaded": loaded.calls.len(), "rss_at_ready_mib": mem.rss_mib,
+                         "republished_ms": republished.map(|d| d.as_secs_f64() * 1e3),
+                         "rss_after_republish_mib": after.rss_mib, "peak_rss_mib": after.peak_rss_mib}),
         );
         child.stop()?;
     }
