@@ -484,6 +484,20 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             c.daemon_us_per_accepted, c.broker_us_per_accepted
         );
     };
+    println!(
+        "{:<10} {:<14} {:>8.0} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>8.2} | {:>8} {:>8} |",
+        "sqlite",
+        "1-row commits",
+        sq.commits_per_s,
+        "-",
+        "-",
+        sq.commit_latency.p50_ms,
+        sq.commit_latency.p95_ms,
+        sq.commit_latency.p99_ms,
+        sq.commit_latency.max_ms,
+        "-",
+        "-"
+    );
     row("echo", &echo.0, &echo.1);
     for s in &scenarios {
         for (r, c, _) in &s.runs {
@@ -533,6 +547,8 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     if let Some((half, _, _)) = head.runs.get(1) {
         ratios["half_rate"] = json!(half.offered_rate);
         ratios["half_rate_p99_ms"] = json!(half.latency.p99_ms);
+        ratios["half_rate_p99_vs_sqlite_commit_p99"] =
+            json!(ratio(half.latency.p99_ms, sq.commit_latency.p99_ms));
     }
     println!(
         "\nratios ({} scenario flat out against the baselines):",
@@ -564,9 +580,12 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     );
     if let Some((half, _, _)) = head.runs.get(1) {
         println!(
-            "  p99 create→accepted at half the maximum rate ({:.0}/s): {:.2} ms",
+            "  p99 create→accepted at half the maximum rate ({:.0}/s): {:.2} ms = {:.2} x the p99 of one SQLite commit ({:.2} ms), {:.2} x the echo p99",
             half.offered_rate.unwrap_or(0.0),
-            half.latency.p99_ms
+            half.latency.p99_ms,
+            ratio(half.latency.p99_ms, sq.commit_latency.p99_ms),
+            sq.commit_latency.p99_ms,
+            ratio(half.latency.p99_ms, echo.0.latency.p99_ms)
         );
     }
     Ok(json!({
