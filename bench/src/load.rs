@@ -771,24 +771,30 @@ pub async fn echo_responder(
     let _ = tokio::time::timeout(Duration::from_millis(200), l.disconnect()).await;
 }
 
+/// The courier id `announce_couriers` uses for index `i`.
+pub fn announced_id(i: usize) -> String {
+    format!("mc{i:06}")
+}
+
 /// A quick publisher used to bring many couriers online from few connections (the daemon
-/// sees courier ids, not connections): presence and a position for each id.
+/// sees courier ids, not connections): presence and a position for each id. Positions
+/// depend only on the index, so announcing again changes nothing.
 pub async fn announce_couriers(
     addr: SocketAddr,
     site: &str,
-    ids: std::ops::Range<usize>,
+    ids: Vec<usize>,
     spread_m: f64,
 ) -> anyhow::Result<Link> {
     let topics = Topics::new(site)?;
     let mut lo = LinkOptions::new(
         url(addr),
-        format!("bench-announce-{}-{}", ids.start, rand::random::<u16>()),
+        format!("bench-announce-{}", rand::random::<u32>()),
     );
     lo.channel_capacity = 4096;
     let (l, mut ev) = link(&lo);
     let (conn_tx, conn_rx) = oneshot::channel();
     let mut conn_tx = Some(conn_tx);
-    let pump = tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
             match ev.poll().await {
                 Ok(LinkEvent::Connected { .. }) => {
@@ -803,9 +809,9 @@ pub async fn announce_couriers(
         }
     });
     tokio::time::timeout(Duration::from_secs(10), conn_rx).await??;
-    let mut rng = SmallRng::seed_from_u64(ids.start as u64);
     for i in ids {
-        let id = format!("mc{i:06}");
+        let id = announced_id(i);
+        let mut rng = SmallRng::seed_from_u64(i as u64);
         let (lat, lon) = random_point(&mut rng, spread_m);
         let presence = json!({"state": "online", "available": true, "vehicle": if i % 3 == 0 { "car" } else { "scooter" }, "name": format!("Courier {i}")});
         l.publish(
@@ -825,6 +831,5 @@ pub async fn announce_couriers(
         )
         .await?;
     }
-    drop(pump);
     Ok(l)
 }

@@ -56,11 +56,14 @@ struct Args {
     /// Courier clients (each finishes its jobs at once, so it is free again).
     #[arg(long, default_value_t = 32)]
     couriers: usize,
-    /// Measure the create path alone: couriers keep their first job (later calls wait
-    /// for a courier, as in a rush) and the limit on calls waiting for a courier
+    /// Only the create scenario: couriers keep their first job (later calls wait for a
+    /// courier, as in a rush) and the limit on calls waiting for a courier
     /// (limits.max_dispatching) is lifted, so that nothing is shed for it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lifecycle_only")]
     create_only: bool,
+    /// Only the lifecycle scenario: couriers pick up and complete every job at once.
+    #[arg(long)]
+    lifecycle_only: bool,
     /// Only this offered rate (calls/s), open loop, instead of flat out + half rate.
     #[arg(long)]
     rate: Option<f64>,
@@ -109,6 +112,10 @@ struct Args {
     /// Calls in the database for --memory.
     #[arg(long, default_value_t = 100_000)]
     mem_calls: usize,
+    /// Days of finished calls in the generated databases (the daemon keeps 30 by default
+    /// and republishes the retained state of every call within them at start).
+    #[arg(long, default_value_t = 29)]
+    history_days: i64,
     /// Start-up only: start to READY with many calls in the database.
     #[arg(long)]
     startup: bool,
@@ -118,12 +125,20 @@ struct Args {
     /// Starts measured for --startup.
     #[arg(long, default_value_t = 3)]
     startup_runs: usize,
+    /// Seconds --startup waits for the daemon's republishing of retained state.
+    #[arg(long, default_value_t = 120)]
+    republish_wait_s: u64,
     /// Drop the page cache before each start (root only): a cold start as after a boot.
     #[arg(long)]
     cold: bool,
     /// Everything: load run, micro, memory, start-up.
     #[arg(long)]
     all: bool,
+    /// Turn off SQLite's allocation statistics (a global mutex around every allocation)
+    /// in this process before anything opens a database: what
+    /// `SQLITE_DEFAULT_MEMSTATUS=0` at build time would give the daemon.
+    #[arg(long)]
+    sqlite_no_memstatus: bool,
     #[command(subcommand)]
     child: Option<ChildCmd>,
 }
@@ -156,6 +171,16 @@ fn main() {
             std::process::exit(1);
         }
         return;
+    }
+    if args.sqlite_no_memstatus {
+        // SAFETY: called once, before any SQLite connection exists in this process;
+        // SQLITE_CONFIG_MEMSTATUS takes one int argument.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as libc::c_int)
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            eprintln!("pickup-bench: SQLITE_CONFIG_MEMSTATUS refused ({rc})");
+        }
     }
     if let Err(e) = run(args) {
         eprintln!("pickup-bench: {e:#}");
@@ -347,6 +372,21 @@ fn store_since(r: &pickupd::app::Running, m: StoreMark, seconds: f64) -> Value {
     })
 }
 
+/// One phase's figures: what the clients saw, CPU, and the daemon's store counters.
+type Measured = (PhaseResult, Cpu, Value);
+
+/// What one daemon did under one workload.
+struct ScenarioOut {
+    /// `create` or `lifecycle`.
+    name: &'static str,
+    /// The echo baseline, when this scenario measured it.
+    echo: Option<Measured>,
+    /// pickupd flat out, then at half that rate (or at --rate only).
+    runs: Vec<Measured>,
+    /// Messages the state watcher received.
+    states_seen: u64,
+}
+
 fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     let broker = match (&args.broker, args.mosquitto) {
         (Some(u), _) => BrokerChoice::External(u.clone()),
@@ -359,13 +399,16 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     };
     println!("== pickupd load run: {} ==", broker.describe());
     println!("dir {}", dir.display());
-    // 1. SQLite's own commit rate on this disk.
+    println!(
+        "{} kiosks x {} in flight, {} couriers, phases of {} s after {} s warm-up",
+        args.kiosks, args.window, args.couriers, args.duration, args.warmup
+    );
+    // SQLite's own commit rate on this disk.
     let sq = sqlite::commit_rate(dir, Duration::from_secs_f64(args.sqlite_secs))?;
     println!(
-        "sqlite: {:.0} commits/s (p50 {:.2} ms, p99 {:.2} ms) — {}",
+        "sqlite baseline: {:.0} commits/s (p50 {:.2} ms, p99 {:.2} ms): {}",
         sq.commits_per_s, sq.commit_latency.p50_ms, sq.commit_latency.p99_ms, sq.settings
     );
-    // 2. Broker and daemon.
     let mosq = match &broker {
         BrokerChoice::Mosquitto { nodelay } => Some(Mosquitto::start(dir, *nodelay)?),
         _ => None,
@@ -375,128 +418,150 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         (_, Some(m)) => Some(format!("mqtt://{}", m.addr)),
         _ => None,
     };
-    let site = site();
-    let db = dir.join(format!("{site}.db"));
     if !args.no_log {
         init_log(&dir.join("pickupd.log"));
     }
-    let mut cfg = setup::daemon_config(&site, &db, &broker, url.as_deref());
-    if args.create_only {
-        cfg.limits.max_dispatching = 10_000_000;
-    }
-    let drt = runtime("pickupd-rt", 2)?;
-    let brt = runtime("bench-client", 2)?;
-    let running = drt.block_on(async {
-        let r = pickupd::app::start(cfg).await?;
-        let mut ready = r.ready.clone();
-        tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|x| *x)).await??;
-        anyhow::Ok(r)
-    })?;
-    let addr = running.broker_addr;
     let broker_pid = mosq.as_ref().map(Mosquitto::pid);
-    let stats = running.stats.clone();
-    let rig_opts = RigOpts {
-        site: site.clone(),
-        kiosks: args.kiosks,
-        couriers: args.couriers,
-        finish_jobs: !args.create_only,
-        watch_states: true,
+    let which: Vec<bool> = match (args.create_only, args.lifecycle_only) {
+        (true, false) => vec![true],
+        (false, true) => vec![false],
+        _ => vec![true, false],
     };
-    let phase = |echo: bool, rate: Option<f64>| PhaseOpts {
-        echo,
-        rate,
-        window: args.window,
-        warmup: Duration::from_secs_f64(args.warmup),
-        duration: Duration::from_secs_f64(args.duration),
-    };
-    let running = Arc::new(running);
-    let r2 = running.clone();
-    let result = brt.block_on(async move {
-        let running = r2;
-        let rig = Rig::connect(addr, &rig_opts, || {
-            stats.couriers_online.load(Ordering::Relaxed)
-        })
-        .await?;
-        println!(
-            "{} kiosks x {} in flight, {} couriers, phases of {} s after {} s warm-up",
-            args.kiosks, args.window, args.couriers, args.duration, args.warmup
-        );
-        // 3. Echo baseline through the same broker.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let responder = tokio::spawn(load::echo_responder(
-            addr,
-            rig.echo_topic().to_string(),
-            ready_tx,
-            stop_rx,
-        ));
-        tokio::time::timeout(Duration::from_secs(10), ready_rx).await??;
-        let echo = measured(&rig, phase(true, None), broker_pid, None).await;
-        let _ = stop_tx.send(true);
-        let _ = responder.await;
-        print_phase("echo, flat out", &echo.0);
-        // 4. pickupd flat out, then at half that rate (or only at --rate).
-        let mut runs = Vec::new();
-        let rates: Vec<Option<f64>> = match args.rate {
-            Some(r) => vec![Some(r)],
-            None => vec![None],
-        };
-        for r in rates {
-            let m = measured(&rig, phase(false, r), broker_pid, Some(&running)).await;
-            print_phase(&label(r), &m.0);
-            runs.push(m);
-            rig.quiesce(Duration::from_secs(10)).await;
-        }
-        if args.rate.is_none() {
-            let half = (runs[0].0.accepted_per_s / 2.0).max(1.0);
-            let m = measured(&rig, phase(false, Some(half)), broker_pid, Some(&running)).await;
-            print_phase(&label(Some(half)), &m.0);
-            runs.push(m);
-            rig.quiesce(Duration::from_secs(10)).await;
-        }
-        let states = rig.states_seen();
-        rig.close().await;
-        anyhow::Ok((echo, runs, states))
-    });
-    let running =
-        Arc::try_unwrap(running).map_err(|_| anyhow::anyhow!("daemon handle still shared"))?;
+    let mut scenarios = Vec::new();
+    for (i, create_only) in which.into_iter().enumerate() {
+        scenarios.push(scenario(
+            args,
+            dir,
+            &broker,
+            url.as_deref(),
+            broker_pid,
+            create_only,
+            i == 0,
+        )?);
+    }
     let peak = Memory::read(None);
-    drt.block_on(running.shutdown(Duration::from_secs(10)))?;
-    drop(brt);
-    drop(drt);
     drop(mosq);
-    let (echo, runs, states_seen) = result?;
+    let echo = scenarios
+        .iter()
+        .find_map(|s| s.echo.clone())
+        .ok_or_else(|| anyhow::anyhow!("no echo baseline measured"))?;
     let echo_rate = echo.0.accepted_per_s;
-    let max = &runs[0].0;
-    let mut out = json!({
-        "broker": broker.describe(),
-        "kiosks": args.kiosks, "window": args.window, "couriers": args.couriers,
-        "create_only": args.create_only, "daemon_logging": !args.no_log,
-        "sqlite_baseline": sq,
-        "echo_baseline": {"result": echo.0, "cpu": echo.1},
-        "pickupd": runs.iter().map(|(r, c, s)| json!({"result": r, "cpu": c, "store": s})).collect::<Vec<_>>(),
-        "state_messages_seen": states_seen,
-        "process_peak_rss_mib": peak.peak_rss_mib,
-    });
+
+    // The table.
+    println!(
+        "\n{:<10} {:<14} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>8} | {:>8} {:>8} | {:>7} {:>7}",
+        "scenario",
+        "phase",
+        "ok/s",
+        "busy",
+        "t/o",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "c→a p50",
+        "c→a p99",
+        "daemon",
+        "broker"
+    );
+    let row = |scen: &str, r: &PhaseResult, c: &Cpu| {
+        let phase = match r.offered_rate {
+            None => "flat out".to_string(),
+            Some(x) => format!("at {x:.0}/s"),
+        };
+        let (ca50, ca99) = if r.create_to_assigned.count > 0 {
+            (
+                format!("{:.2}", r.create_to_assigned.p50_ms),
+                format!("{:.2}", r.create_to_assigned.p99_ms),
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
+        println!(
+            "{scen:<10} {phase:<14} {:>8.0} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>8.2} | {:>8} {:>8} | {:>5.0}µs {:>5.0}µs",
+            r.accepted_per_s, r.busy, r.timeouts, r.latency.p50_ms, r.latency.p95_ms,
+            r.latency.p99_ms, r.latency.max_ms, ca50, ca99,
+            c.daemon_us_per_accepted, c.broker_us_per_accepted
+        );
+    };
+    println!(
+        "{:<10} {:<14} {:>8.0} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>8.2} | {:>8} {:>8} |",
+        "sqlite",
+        "1-row commits",
+        sq.commits_per_s,
+        "-",
+        "-",
+        sq.commit_latency.p50_ms,
+        sq.commit_latency.p95_ms,
+        sq.commit_latency.p99_ms,
+        sq.commit_latency.max_ms,
+        "-",
+        "-"
+    );
+    row("echo", &echo.0, &echo.1);
+    for s in &scenarios {
+        for (r, c, _) in &s.runs {
+            row(s.name, r, c);
+        }
+    }
+    println!("(daemon, broker: CPU per accepted request, warm-up included; c→a: create → call seen assigned on its state topic)");
+    for s in &scenarios {
+        for (r, c, st) in &s.runs {
+            println!(
+                "  {} {}: daemon threads {}; store {} commits ({:.0}/s, {:.1} jobs each); outbox unacked at end {}",
+                s.name,
+                r.offered_rate.map_or("flat out".into(), |x| format!("at {x:.0}/s")),
+                c.daemon_threads
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.2} s"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                st["commits"],
+                st["commits_per_s"].as_f64().unwrap_or(0.0),
+                st["jobs_per_commit"].as_f64().unwrap_or(0.0),
+                st["outbox_unacked_at_end"]
+            );
+        }
+    }
+    println!(
+        "  process peak RSS (daemon, broker and clients together): {:.1} MiB",
+        peak.peak_rss_mib
+    );
+
+    // Ratios: the create path against the baselines.
+    let head = scenarios
+        .iter()
+        .find(|s| s.name == "create")
+        .unwrap_or(&scenarios[0]);
+    let max = &head.runs[0].0;
     let mut ratios = json!({
+        "scenario": head.name,
+        "accepted_per_s": max.accepted_per_s,
+        "echo_per_s": echo_rate,
+        "sqlite_commits_per_s": sq.commits_per_s,
         "accepted_per_s_vs_echo_per_s": ratio(max.accepted_per_s, echo_rate),
         "accepted_per_s_vs_sqlite_commits_per_s": ratio(max.accepted_per_s, sq.commits_per_s),
         "p50_vs_echo_p50": ratio(max.latency.p50_ms, echo.0.latency.p50_ms),
         "p99_vs_echo_p99": ratio(max.latency.p99_ms, echo.0.latency.p99_ms),
     });
-    if let Some((half, _, _)) = runs.get(1) {
+    if let Some((half, _, _)) = head.runs.get(1) {
+        ratios["half_rate"] = json!(half.offered_rate);
         ratios["half_rate_p99_ms"] = json!(half.latency.p99_ms);
+        ratios["half_rate_p99_vs_sqlite_commit_p99"] =
+            json!(ratio(half.latency.p99_ms, sq.commit_latency.p99_ms));
     }
-    out["ratios"] = ratios.clone();
-    println!("\nratios (pickupd flat out vs baselines):");
     println!(
-        "  accepted/s ÷ echo/s            {:>7.2}   ({:.0} / {:.0})",
+        "\nratios ({} scenario flat out against the baselines):",
+        head.name
+    );
+    println!(
+        "  accepted/s ÷ echo/s            {:>7.3}   ({:.0} / {:.0})",
         ratio(max.accepted_per_s, echo_rate),
         max.accepted_per_s,
         echo_rate
     );
     println!(
-        "  accepted/s ÷ sqlite commits/s  {:>7.2}   ({:.0} / {:.0})",
+        "  accepted/s ÷ sqlite commits/s  {:>7.3}   ({:.0} / {:.0})",
         ratio(max.accepted_per_s, sq.commits_per_s),
         max.accepted_per_s,
         sq.commits_per_s
@@ -513,43 +578,141 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         max.latency.p99_ms,
         echo.0.latency.p99_ms
     );
-    println!("\nCPU (seconds over each phase incl. warm-up; µs per accepted request):");
-    let rows = std::iter::once(("echo", &echo.1)).chain(runs.iter().map(|r| ("pickupd", &r.1)));
-    for (name, c) in rows {
+    if let Some((half, _, _)) = head.runs.get(1) {
         println!(
-            "  {name:<8} wall {:>5.1} s  daemon {:>5.2} s ({:>4.0}% core, {:>6.0} µs/req)  broker {:>5.2} s ({:>5.0} µs/req)  clients {:>5.2} s",
-            c.wall_s,
-            c.groups.get("daemon").unwrap_or(&0.0),
-            c.daemon_core_share * 100.0,
-            c.daemon_us_per_accepted,
-            c.groups.get("broker").unwrap_or(&0.0),
-            c.broker_us_per_accepted,
-            c.groups.get("clients").unwrap_or(&0.0),
+            "  p99 create→accepted at half the maximum rate ({:.0}/s): {:.2} ms = {:.2} x the p99 of one SQLite commit ({:.2} ms), {:.2} x the echo p99",
+            half.offered_rate.unwrap_or(0.0),
+            half.latency.p99_ms,
+            ratio(half.latency.p99_ms, sq.commit_latency.p99_ms),
+            sq.commit_latency.p99_ms,
+            ratio(half.latency.p99_ms, echo.0.latency.p99_ms)
         );
     }
-    for (r, c, s) in &runs {
-        println!(
-            "  daemon threads at {}: {}",
-            label(r.offered_rate),
-            c.daemon_threads
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.2}s"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        println!(
-            "  store: {} commits ({:.0}/s), {:.1} jobs/commit; outbox unacked at end {}",
-            s["commits"],
-            s["commits_per_s"].as_f64().unwrap_or(0.0),
-            s["jobs_per_commit"].as_f64().unwrap_or(0.0),
-            s["outbox_unacked_at_end"]
-        );
+    Ok(json!({
+        "broker": broker.describe(),
+        "kiosks": args.kiosks, "window": args.window, "couriers": args.couriers,
+        "daemon_logging": !args.no_log,
+        "sqlite_baseline": sq,
+        "echo_baseline": {"result": echo.0, "cpu": echo.1},
+        "scenarios": scenarios.iter().map(|s| json!({
+            "name": s.name,
+            "phases": s.runs.iter().map(|(r, c, st)| json!({"result": r, "cpu": c, "store": st})).collect::<Vec<_>>(),
+            "state_messages_seen": s.states_seen,
+        })).collect::<Vec<_>>(),
+        "ratios": ratios,
+        "process_peak_rss_mib": peak.peak_rss_mib,
+    }))
+}
+
+/// Starts a fresh daemon (new site, new database), connects the clients, measures the
+/// echo baseline when asked, then pickupd flat out and at half that rate.
+/// `create_only`: couriers keep their first job and the limit on waiting calls is lifted
+/// (the create path alone); otherwise couriers pick up and complete every job at once.
+fn scenario(
+    args: &Args,
+    dir: &Path,
+    broker: &BrokerChoice,
+    url: Option<&str>,
+    broker_pid: Option<u32>,
+    create_only: bool,
+    with_echo: bool,
+) -> anyhow::Result<ScenarioOut> {
+    let name = if create_only { "create" } else { "lifecycle" };
+    let site = site();
+    let db = dir.join(format!("{site}.db"));
+    let mut cfg = setup::daemon_config(&site, &db, broker, url);
+    if create_only {
+        cfg.limits.max_dispatching = 10_000_000;
     }
+    let drt = runtime("pickupd-rt", 2)?;
+    let brt = runtime("bench-client", 2)?;
+    let running = drt.block_on(async {
+        let r = pickupd::app::start(cfg).await?;
+        let mut ready = r.ready.clone();
+        tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|x| *x)).await??;
+        anyhow::Ok(r)
+    })?;
+    let addr = running.broker_addr;
+    let stats = running.stats.clone();
+    let rig_opts = RigOpts {
+        site: site.clone(),
+        kiosks: args.kiosks,
+        couriers: args.couriers,
+        finish_jobs: !create_only,
+        watch_states: true,
+    };
+    let phase = |echo: bool, rate: Option<f64>| PhaseOpts {
+        echo,
+        rate,
+        window: args.window,
+        warmup: Duration::from_secs_f64(args.warmup),
+        duration: Duration::from_secs_f64(args.duration),
+    };
     println!(
-        "  process peak RSS (daemon, broker and clients together): {:.1} MiB",
-        peak.peak_rss_mib
+        "\n-- scenario {name}: {} --",
+        if create_only {
+            "the create path alone (couriers keep their first job, waiting calls not limited)"
+        } else {
+            "couriers pick up and complete each job at once (three requests and about ten messages per call)"
+        }
     );
-    Ok(out)
+    let running = Arc::new(running);
+    let r2 = running.clone();
+    let result = brt.block_on(async move {
+        let running = r2;
+        let rig = Rig::connect(addr, &rig_opts, || {
+            stats.couriers_online.load(Ordering::Relaxed)
+        })
+        .await?;
+        let echo = if with_echo {
+            // A trivial responder through the same broker, same client library and QoS.
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let responder = tokio::spawn(load::echo_responder(
+                addr,
+                rig.echo_topic().to_string(),
+                ready_tx,
+                stop_rx,
+            ));
+            tokio::time::timeout(Duration::from_secs(10), ready_rx).await??;
+            let echo = measured(&rig, phase(true, None), broker_pid, None).await;
+            let _ = stop_tx.send(true);
+            let _ = responder.await;
+            print_phase("echo, flat out", &echo.0);
+            Some(echo)
+        } else {
+            None
+        };
+        let mut runs = Vec::new();
+        let first = args.rate;
+        let m = measured(&rig, phase(false, first), broker_pid, Some(&running)).await;
+        print_phase(&label(first), &m.0);
+        runs.push(m);
+        rig.quiesce(Duration::from_secs(10)).await;
+        if args.rate.is_none() {
+            let half = (runs[0].0.accepted_per_s / 2.0).max(1.0);
+            let m = measured(&rig, phase(false, Some(half)), broker_pid, Some(&running)).await;
+            print_phase(&label(Some(half)), &m.0);
+            runs.push(m);
+            rig.quiesce(Duration::from_secs(10)).await;
+        }
+        let states = rig.states_seen();
+        rig.close().await;
+        anyhow::Ok((echo, runs, states))
+    });
+    let running =
+        Arc::try_unwrap(running).map_err(|_| anyhow::anyhow!("daemon handle still shared"))?;
+    drt.block_on(running.shutdown(Duration::from_secs(30)))?;
+    drop(brt);
+    drop(drt);
+    remove_db(&db);
+    let (echo, runs, states_seen) = result?;
+    Ok(ScenarioOut {
+        name,
+        echo,
+        runs,
+        states_seen,
+    })
 }
 
 fn label(rate: Option<f64>) -> String {
@@ -598,6 +761,9 @@ fn print_phase(name: &str, r: &PhaseResult) {
     }
 }
 
+/// The daemon's log line once it has republished the retained state after a start.
+const REPUBLISHED: &str = "retained state republished";
+
 fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     println!(
         "\n== memory: {} couriers online, {} calls in the database ==",
@@ -608,12 +774,19 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         recent: 2_000.min(args.mem_calls / 2),
         live: 0,
         events_per_call: 5,
+        days: args.history_days,
     };
-    let src = dir.join(format!("mem-{}.db", args.mem_calls));
+    let src = dir.join(format!("mem-{}-{}d.db", args.mem_calls, args.history_days));
     let g = sqlite::generate(&src, h)?;
     println!(
-        "database: {:.0} MiB, written in {:.1} s",
-        g.size_mib, g.seconds
+        "database: {:.0} MiB, {} days of history{}",
+        g.size_mib,
+        h.days,
+        if g.seconds > 0.0 {
+            format!(", written in {:.1} s", g.seconds)
+        } else {
+            ", reused".into()
+        }
     );
     let mut brokers = vec![("embedded", None::<Mosquitto>)];
     match Mosquitto::start(dir, true) {
@@ -624,75 +797,106 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
     let mut out = Vec::new();
     for (name, mosq) in brokers {
         let db = dir.join(format!("mem-run-{name}.db"));
+        // A WAL file left next to a copied database would be replayed onto it.
+        remove_db(&db);
         std::fs::copy(&src, &db)?;
         let site = site();
         let url = mosq.as_ref().map(|m| format!("mqtt://{}", m.addr));
-        let child = DaemonChild::spawn(
+        let mut child = DaemonChild::spawn(
             &site,
             &db,
             url.as_deref(),
-            Some(&dir.join("pickupd-child.log")),
+            Some(&dir.join(format!("child-{site}.log"))),
         )?;
         let pid = child.pid();
         let at_ready = Memory::read(Some(pid));
+        // At start the daemon republishes the retained state of every call within the
+        // retention period; let that finish first.
+        let republished = child.wait_log(REPUBLISHED, Duration::from_secs(600));
+        let drained = child.wait_idle(Duration::from_secs(1), Duration::from_secs(600))?;
+        let idle = Memory::read(Some(pid));
+        println!(
+            "{name:<10} READY at {:.0} ms: RSS {:.1} MiB; republishing queued by {}, sent {:.1} s later: RSS {:.1} MiB, peak {:.1} MiB",
+            child.ready_ms_outside,
+            at_ready.rss_mib,
+            republished.map_or("never".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3)),
+            drained.as_secs_f64(),
+            idle.rss_mib,
+            idle.peak_rss_mib
+        );
         let addr = child.addr;
         let n = args.mem_couriers;
         let t0 = Instant::now();
-        let links = brt.block_on(async {
-            let mut set = tokio::task::JoinSet::new();
-            let parts = 4;
-            for p in 0..parts {
-                let s = site.clone();
-                set.spawn(async move {
-                    load::announce_couriers(
-                        addr,
-                        &s,
-                        (p * n / parts)..((p + 1) * n / parts),
-                        8_000.0,
-                    )
-                    .await
-                });
-            }
-            let mut links = Vec::new();
-            while let Some(r) = set.join_next().await {
-                links.push(r??);
-            }
-            anyhow::Ok(links)
-        })?;
-        // Every courier online and positioned, as the daemon recorded it.
+        // Every courier online and positioned, as the daemon recorded it. The daemon sheds
+        // position updates when its input queue is full (they are superseded by the next
+        // one), so couriers not yet positioned send theirs again, as handhelds do.
         let conn =
             rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let positioned =
+            "SELECT id FROM couriers WHERE online = 1 AND json_extract(body, '$.lat') IS NOT NULL";
+        let mut todo: Vec<usize> = (0..n).collect();
+        let mut links = Vec::new();
+        let mut sends = 0usize;
         let end = Instant::now() + Duration::from_secs(120);
-        loop {
-            let c: i64 = conn.query_row(
-                "SELECT count(*) FROM couriers WHERE online = 1 AND json_extract(body, '$.lat') IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )?;
-            if c as usize >= n {
-                break;
-            }
+        while !todo.is_empty() {
             if Instant::now() > end {
-                anyhow::bail!("only {c} of {n} couriers recorded after 120 s");
+                anyhow::bail!(
+                    "only {} of {n} couriers recorded after 120 s",
+                    n - todo.len()
+                );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            sends += todo.len();
+            let batch = std::mem::take(&mut todo);
+            let s = site.clone();
+            links.push(brt.block_on(load::announce_couriers(addr, &s, batch, 8_000.0))?);
+            child.wait_idle(Duration::from_millis(500), Duration::from_secs(60))?;
+            let mut st = conn.prepare(positioned)?;
+            let done: std::collections::HashSet<String> = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()?;
+            todo = (0..n)
+                .filter(|i| !done.contains(&load::announced_id(*i)))
+                .collect();
         }
         let settle_s = t0.elapsed().as_secs_f64();
         let m = Memory::read(Some(pid));
+        child.trim()?;
+        let trimmed = Memory::read(Some(pid));
         println!(
-            "{name:<10} daemon RSS at READY {:.1} MiB; with {n} couriers online {:.1} MiB (peak {:.1} MiB); {n} couriers recorded in {:.1} s",
-            at_ready.rss_mib, m.rss_mib, m.peak_rss_mib, settle_s
+            "{:<10} with {n} couriers online: RSS {:.1} MiB (heap and stacks {:.1}, files {:.1}; peak {:.1}); recorded in {:.1} s ({sends} announcements)",
+            "", m.rss_mib, m.anon_mib, m.file_mib, m.peak_rss_mib, settle_s
         );
-        out.push(json!({"broker": name, "rss_at_ready_mib": at_ready.rss_mib, "rss_mib": m.rss_mib,
-                        "peak_rss_mib": m.peak_rss_mib, "couriers": n, "calls_in_db": args.mem_calls,
-                        "calls_loaded": h.recent + h.live, "couriers_recorded_s": settle_s}));
+        println!(
+            "{:<10} after the allocator returned free pages (malloc_trim): RSS {:.1} MiB (heap and stacks {:.1})",
+            "", trimmed.rss_mib, trimmed.anon_mib
+        );
+        out.push(json!({
+            "broker": name, "couriers": n, "calls_in_db": args.mem_calls,
+            "calls_loaded": h.recent + h.live,
+            "ready_ms": child.ready_ms_outside, "rss_at_ready_mib": at_ready.rss_mib,
+            "republish_queued_ms": republished.map(|d| d.as_secs_f64() * 1e3),
+            "republish_sent_s": drained.as_secs_f64(),
+            "rss_after_republish_mib": idle.rss_mib, "peak_rss_after_republish_mib": idle.peak_rss_mib,
+            "rss_mib": m.rss_mib, "anon_mib": m.anon_mib, "file_mib": m.file_mib,
+            "peak_rss_mib": m.peak_rss_mib, "rss_after_trim_mib": trimmed.rss_mib,
+            "couriers_recorded_s": settle_s, "announcements_sent": sends,
+        }));
         drop(conn);
         child.stop()?;
         drop(links);
         drop(mosq);
-        let _ = std::fs::remove_file(&db);
+        remove_db(&db);
     }
     Ok(json!({"database": g, "runs": out}))
+}
+
+/// Removes a database with its WAL and shared-memory files.
+fn remove_db(db: &Path) {
+    for ext in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(ext);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
 }
 
 fn drop_caches() -> bool {
@@ -711,8 +915,12 @@ fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         recent: 1_000.min(args.startup_calls / 2),
         live: 100.min(args.startup_calls / 4),
         events_per_call: 5,
+        days: args.history_days,
     };
-    let db = dir.join(format!("startup-{}.db", args.startup_calls));
+    let db = dir.join(format!(
+        "startup-{}-{}d.db",
+        args.startup_calls, args.history_days
+    ));
     let g = sqlite::generate(&db, h)?;
     println!(
         "database: {:.0} MiB ({}), {}",
@@ -743,7 +951,12 @@ fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             drop_caches();
         }
         let site = site();
-        let child = DaemonChild::spawn(&site, &db, None, Some(&dir.join("pickupd-child.log")))?;
+        let child = DaemonChild::spawn(
+            &site,
+            &db,
+            None,
+            Some(&dir.join(format!("child-{site}.log"))),
+        )?;
         let mem = Memory::read(Some(child.pid()));
         println!(
             "  run {}: READY after {:.1} ms (in the daemon: {:.1} ms){}; store::open {:.1} ms, store::load {:.1} ms ({} calls loaded); RSS {:.1} MiB",
@@ -751,10 +964,23 @@ fn startup_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             if cold { ", cold cache" } else { "" },
             open_ms, load_ms, loaded.calls.len(), mem.rss_mib
         );
+        let republished = child.wait_log(REPUBLISHED, Duration::from_secs(args.republish_wait_s));
+        let after = Memory::read(Some(child.pid()));
+        println!(
+            "         retained state republished {}; RSS then {:.1} MiB, peak {:.1} MiB",
+            republished.map_or(
+                format!("not within {} s", args.republish_wait_s),
+                |d| format!("after {:.0} ms", d.as_secs_f64() * 1e3)
+            ),
+            after.rss_mib,
+            after.peak_rss_mib
+        );
         runs.push(
             json!({"ready_ms": child.ready_ms_outside, "ready_ms_in_daemon": child.ready_ms_inside,
                          "cold_cache": cold, "store_open_ms": open_ms, "store_load_ms": load_ms,
-                         "calls_loaded": loaded.calls.len(), "rss_mib": mem.rss_mib}),
+                         "calls_loaded": loaded.calls.len(), "rss_at_ready_mib": mem.rss_mib,
+                         "republished_ms": republished.map(|d| d.as_secs_f64() * 1e3),
+                         "rss_after_republish_mib": after.rss_mib, "peak_rss_mib": after.peak_rss_mib}),
         );
         child.stop()?;
     }

@@ -122,6 +122,10 @@ pub struct Memory {
     pub rss_mib: f64,
     /// Peak resident set since the process started, MiB.
     pub peak_rss_mib: f64,
+    /// Of the resident set: anonymous memory (heap, stacks), MiB.
+    pub anon_mib: f64,
+    /// Of the resident set: file pages (the program's code, mapped files), MiB.
+    pub file_mib: f64,
 }
 
 impl Memory {
@@ -141,6 +145,8 @@ impl Memory {
         Self {
             rss_mib: kb("VmRSS:") / 1024.0,
             peak_rss_mib: kb("VmHWM:") / 1024.0,
+            anon_mib: kb("RssAnon:") / 1024.0,
+            file_mib: kb("RssFile:") / 1024.0,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pickupd::config::Config;
@@ -138,6 +139,9 @@ impl Drop for Mosquitto {
 pub struct DaemonChild {
     child: Child,
     stdin: Option<ChildStdin>,
+    lines: Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
+    log: Option<PathBuf>,
+    spawned: Instant,
     /// Where its clients connect.
     pub addr: SocketAddr,
     /// Milliseconds from the child's `main` to READY, as the child measured it.
@@ -155,7 +159,19 @@ impl DaemonChild {
         log: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut cmd = Command::new(exe);
+        // PICKUP_BENCH_CHILD_PREFIX runs the child under a profiler, e.g.
+        // "valgrind --tool=massif --massif-out-file=/tmp/massif.out".
+        let prefix: Vec<String> = std::env::var("PICKUP_BENCH_CHILD_PREFIX")
+            .map(|p| p.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut cmd = match prefix.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
         cmd.arg("daemon-child")
             .arg("--site")
             .arg(site)
@@ -181,6 +197,7 @@ impl DaemonChild {
         let line = lines
             .next()
             .ok_or_else(|| anyhow::anyhow!("daemon child exited before READY"))??;
+        let lines = Some(lines);
         let ready_ms_outside = t0.elapsed().as_secs_f64() * 1e3;
         // READY <ms> <addr>
         let mut f = line.split_whitespace();
@@ -189,6 +206,9 @@ impl DaemonChild {
         };
         Ok(Self {
             stdin: child.stdin.take(),
+            lines,
+            log: log.map(Path::to_path_buf),
+            spawned: t0,
             child,
             addr: addr.parse()?,
             ready_ms_inside: ms.parse()?,
@@ -201,12 +221,84 @@ impl DaemonChild {
         self.child.id()
     }
 
+    /// Waits until its log holds a line containing `what`; returns the time since the
+    /// spawn, or `None` after `max`.
+    pub fn wait_log(&self, what: &str, max: Duration) -> Option<Duration> {
+        let log = self.log.as_ref()?;
+        let end = Instant::now() + max;
+        while Instant::now() < end {
+            if std::fs::read_to_string(log).is_ok_and(|s| s.contains(what)) {
+                return Some(self.spawned.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Asks it to hand free heap pages back to the system (glibc `malloc_trim`) and waits
+    /// until it has.
+    pub fn trim(&mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stdin.as_mut() {
+            s.write_all(b"trim\n")?;
+            s.flush()?;
+        }
+        if let Some(lines) = self.lines.as_mut() {
+            for l in lines.by_ref() {
+                if l?.trim() == "TRIMMED" {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Messages published, couriers online and store jobs done so far.
+    pub fn stats(&mut self) -> anyhow::Result<(u64, u64, u64)> {
+        if let Some(s) = self.stdin.as_mut() {
+            s.write_all(b"stats\n")?;
+            s.flush()?;
+        }
+        let lines = self
+            .lines
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("daemon child has no stdout"))?;
+        for l in lines.by_ref() {
+            let l = l?;
+            let mut f = l.split_whitespace();
+            if f.next() == Some("STATS") {
+                let mut n = || f.next().and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+                return Ok((n(), n(), n()));
+            }
+        }
+        anyhow::bail!("daemon child closed its stdout")
+    }
+
+    /// Waits until the daemon has stopped publishing and writing (no publish and at most
+    /// the heartbeat's store job per 250 ms, for `quiet`), or `max` has passed; returns
+    /// how long that took.
+    pub fn wait_idle(&mut self, quiet: Duration, max: Duration) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let mut last = self.stats()?;
+        let mut since = Instant::now();
+        while t0.elapsed() < max {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = self.stats()?;
+            if now.0 != last.0 || now.2 > last.2 + 1 {
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                break;
+            }
+            last = now;
+        }
+        Ok(t0.elapsed())
+    }
+
     /// Asks it to stop (closes its stdin) and waits for it.
     pub fn stop(mut self) -> anyhow::Result<()> {
         if let Some(mut s) = self.stdin.take() {
             let _ = s.write_all(b"stop\n");
         }
-        let end = Instant::now() + Duration::from_secs(15);
+        let end = Instant::now() + Duration::from_secs(90);
         loop {
             if self.child.try_wait()?.is_some() {
                 return Ok(());
@@ -214,7 +306,7 @@ impl DaemonChild {
             if Instant::now() > end {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                anyhow::bail!("daemon child did not stop within 15 s");
+                anyhow::bail!("daemon child did not stop within 90 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -249,20 +341,43 @@ pub fn run_child(started: Instant, site: &str, db: &Path, url: Option<&str>) -> 
         tokio::time::timeout(Duration::from_secs(60), ready.wait_for(|r| *r)).await??;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         println!("READY {ms:.2} {}", running.broker_addr);
-        // Wait for "stop" or EOF on stdin, off the runtime's workers.
-        let _ = tokio::task::spawn_blocking(|| {
+        // Commands on stdin, read off the runtime's workers: "stop" (or EOF), "trim",
+        // "stats".
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
             let mut s = String::new();
             let stdin = std::io::stdin();
             loop {
                 s.clear();
                 match stdin.read_line(&mut s) {
                     Ok(0) | Err(_) => break,
-                    Ok(_) if s.trim() == "stop" => break,
-                    Ok(_) => {}
+                    Ok(_) => {
+                        if tx.send(s.trim().to_string()).is_err() {
+                            break;
+                        }
+                    }
                 }
             }
-        })
-        .await;
-        running.shutdown(Duration::from_secs(5)).await
+        });
+        while let Some(cmd) = rx.recv().await {
+            match cmd.as_str() {
+                "stop" => break,
+                "trim" => {
+                    // Hands free heap pages back to the system, so that the resident set
+                    // shows what is live rather than what the allocator keeps.
+                    // SAFETY: malloc_trim only walks the allocator's own free lists.
+                    unsafe { libc::malloc_trim(0) };
+                    println!("TRIMMED");
+                }
+                "stats" => println!(
+                    "STATS {} {} {}",
+                    running.publisher_stats.published.load(Ordering::Relaxed),
+                    running.stats.couriers_online.load(Ordering::Relaxed),
+                    running.writer_stats.jobs.load(Ordering::Relaxed),
+                ),
+                _ => {}
+            }
+        }
+        running.shutdown(Duration::from_secs(60)).await
     })
 }

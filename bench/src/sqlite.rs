@@ -73,6 +73,9 @@ pub struct History {
     pub live: usize,
     /// Event rows per call (the audit trail; the daemon writes about five).
     pub events_per_call: usize,
+    /// The finished history spans this many days back (older than one day). Within the
+    /// daemon's retention (30 days by default) every such call stays in the database.
+    pub days: i64,
 }
 
 /// What generating took.
@@ -127,7 +130,7 @@ fn template(now: i64) -> Call {
 }
 
 /// Creates (or reuses, when it already holds `h.calls` calls) a daemon database at `path`
-/// with `h.calls` calls: finished history spread over the past months, `h.recent` calls
+/// with `h.calls` calls: finished history spread over the past `h.days` days, `h.recent` calls
 /// finished in the last minutes and `h.live` calls still dispatching.
 pub fn generate(path: &Path, h: History) -> anyhow::Result<Generated> {
     if path.exists() {
@@ -152,9 +155,10 @@ pub fn generate(path: &Path, h: History) -> anyhow::Result<Generated> {
     let now = pickupd::store::now_ms();
     let day = 86_400_000i64;
     let old = h.calls.saturating_sub(h.recent + h.live);
-    // History: over the last 90 days, older than one day.
-    let step = (89 * day) / old.max(1) as i64;
-    let base = now - 90 * day;
+    // History: over the last `days` days, older than one day.
+    let span = (h.days.max(2) - 1) * day;
+    let step = span / old.max(1) as i64;
+    let base = now - h.days.max(2) * day;
     let mut call = template(now);
     let tx = conn.unchecked_transaction()?;
     {

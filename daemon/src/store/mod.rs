@@ -10,6 +10,7 @@
 pub mod deliveries;
 mod schema;
 
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -496,14 +497,45 @@ fn writer_loop<R>(
     }
 }
 
+/// The changes in `batch` (job index, change index) that a later snapshot of the same
+/// call or courier in the same batch replaces. The batch is one transaction, so nobody
+/// can see the earlier snapshot: writing only the last one (and serializing it once)
+/// gives the same file. A call is typically written at creation and again when it enters
+/// dispatching, in the same group commit. Batches that prune keep every write.
+fn superseded<R>(batch: &[WriteJob<R>]) -> HashSet<(usize, usize)> {
+    let mut skip = HashSet::new();
+    if batch.iter().any(|j| matches!(j.op, Op::Prune { .. })) {
+        return skip;
+    }
+    let mut calls: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut couriers: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (j, job) in batch.iter().enumerate() {
+        let Op::Apply(changes) = &job.op else {
+            continue;
+        };
+        for (k, ch) in changes.iter().enumerate() {
+            let prev = match ch {
+                Change::Call(c) => calls.insert(c.id.as_str(), (j, k)),
+                Change::Courier(c) => couriers.insert(c.id.as_str(), (j, k)),
+                _ => None,
+            };
+            if let Some(p) = prev {
+                skip.insert(p);
+            }
+        }
+    }
+    skip
+}
+
 fn apply_batch<R>(
     conn: &mut Connection,
     batch: &[WriteJob<R>],
 ) -> rusqlite::Result<Vec<(i64, OutMsg)>> {
     let now = now_ms();
+    let skip = superseded(batch);
     let tx = conn.transaction()?;
     let mut outbox = Vec::new();
-    for job in batch {
+    for (j, job) in batch.iter().enumerate() {
         match &job.op {
             Op::Ping => {}
             Op::Prune {
@@ -554,8 +586,10 @@ fn apply_batch<R>(
                 }
             }
             Op::Apply(changes) => {
-                for ch in changes {
-                    apply_change(&tx, ch, now, &mut outbox)?;
+                for (k, ch) in changes.iter().enumerate() {
+                    if !skip.contains(&(j, k)) {
+                        apply_change(&tx, ch, now, &mut outbox)?;
+                    }
                 }
             }
         }

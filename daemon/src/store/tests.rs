@@ -273,3 +273,67 @@ fn full_check_after_an_unclean_stop_or_on_small_files() {
     // Either way the file opens.
     open(&path).unwrap();
 }
+
+#[test]
+fn a_batch_writes_the_last_snapshot_of_each_call_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let mut conn = open(&path).unwrap();
+    let first = decision_changes();
+    let Some(Change::Call(call)) = first.iter().find(|c| matches!(c, Change::Call(_))) else {
+        panic!("no call in the decision");
+    };
+    let mut later = (**call).clone();
+    later.status = pickup_protocol::CallStatus::Dispatching;
+    later.updated_at = 1_500;
+    let job = |changes| WriteJob::<()> {
+        op: Op::Apply(changes),
+        after: None,
+    };
+    let batch = vec![
+        job(first.clone()),
+        job(vec![Change::Call(Box::new(later.clone()))]),
+    ];
+    let skip = superseded(&batch);
+    let idx = first
+        .iter()
+        .position(|c| matches!(c, Change::Call(_)))
+        .unwrap();
+    assert_eq!(skip, HashSet::from([(0, idx)]));
+    let outbox = apply_batch(&mut conn, &batch).unwrap();
+    assert_eq!(
+        outbox.len(),
+        first
+            .iter()
+            .filter(|c| matches!(c, Change::Outbox(_)))
+            .count()
+    );
+    let (status, updated, body): (String, i64, String) = conn
+        .query_row(
+            "SELECT status, updated_at, body FROM calls WHERE id = 'c1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), updated), ("dispatching", 1_500));
+    assert_eq!(serde_json::from_str::<Call>(&body).unwrap(), later);
+    let asg: String = conn
+        .query_row(
+            "SELECT state FROM assignments WHERE call_id = 'c1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(asg, "pending");
+    // Nothing is skipped in a batch that prunes.
+    let mut pruning = batch;
+    pruning.push(WriteJob {
+        op: Op::Prune {
+            before: 0,
+            limit: 10,
+            topics: Topics::new("t").unwrap(),
+        },
+        after: None,
+    });
+    assert!(superseded(&pruning).is_empty());
+}
