@@ -58,10 +58,11 @@ pub fn daemon_config(site: &str, db: &Path, broker: &BrokerChoice, url: Option<&
     c.mqtt.client_id = format!("pickupd-{site}");
     c.mqtt.reconnect_max_ms = 500;
     // The benchmark's few kiosk clients stand for many kiosks: the per-kiosk rate limit
-    // (20/s by default) would measure the limit, not the daemon. Every other admission
-    // limit (queues, breaker) stays as configured by default.
+    // (20/s by default) and open-call limit would measure the limits, not the daemon.
+    // Every other admission limit (queues, breaker) stays as configured by default.
     c.admission.per_client_rate = 1e6;
     c.admission.per_client_burst = 1e6;
+    c.limits.max_open_per_kiosk = 0;
     if let BrokerChoice::Embedded { nodelay } = broker {
         c.broker.tcp_nodelay = *nodelay;
     }

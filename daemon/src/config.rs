@@ -207,6 +207,9 @@ pub struct Limits {
     pub read_queue: usize,
     /// Calls waiting for a courier; beyond it new calls get `busy`.
     pub max_dispatching: usize,
+    /// Open (unfinished) calls one kiosk may have; beyond it its new calls get `busy`, so
+    /// one broken or hostile kiosk cannot fill the daemon. 0 = no limit.
+    pub max_open_per_kiosk: usize,
 }
 
 impl Default for Limits {
@@ -215,6 +218,7 @@ impl Default for Limits {
             inbound_queue: 2048,
             read_queue: 1024,
             max_dispatching: 5000,
+            max_open_per_kiosk: 200,
         }
     }
 }

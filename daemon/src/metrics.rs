@@ -144,7 +144,9 @@ impl Metrics {
             .set(live.publisher.unacked.load(Ordering::Relaxed) as i64);
         self.broker_connected
             .set(i64::from(live.mqtt.connected.load(Ordering::Relaxed)));
-        let shed = live.mqtt.shed.load(Ordering::Relaxed);
+        // Refusals by admission and by the per-kiosk open-call limit.
+        let shed = live.mqtt.shed.load(Ordering::Relaxed)
+            + live.stats.open_limited.load(Ordering::Relaxed);
         let before = self.shed_seen.swap(shed, Ordering::Relaxed);
         self.shed_total.inc_by(shed.saturating_sub(before));
         let rejected = live.mqtt.rejected.load(Ordering::Relaxed);

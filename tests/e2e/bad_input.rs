@@ -105,8 +105,10 @@ async fn bad_requests_get_error_answers_and_change_nothing() {
     // Still answering, and nothing was created by any of the above.
     let ok = kiosk.create(kiosk.call_body("good-1")).await;
     assert_eq!(ok["ok"], true, "{ok}");
+    let mut body = kiosk.call_body("good-2");
+    body["kiosk_id"] = "k-v5".into();
     let v5ok = v5
-        .request(&topics.calls_create(), kiosk.call_body("good-2"), DEADLINE)
+        .request(&topics.calls_create(), body, DEADLINE)
         .await
         .unwrap();
     assert_eq!(v5ok["ok"], true, "{v5ok}");

@@ -85,8 +85,20 @@ async fn flood_is_shed_with_busy_and_recovers() {
 
     // Free capacity: cancel the accepted calls. The breaker closes by itself and new calls
     // are taken again.
+    // (Cancelled from an operator tool's reply topic: a kiosk may cancel only its own.)
+    let (operator, _rx) = pickup_protocol::client::Requester::connect(
+        pickup_protocol::client::LinkOptions::new(url(addr), "operator"),
+        topics.client_replies("operator"),
+        vec![],
+        DEADLINE,
+    )
+    .await
+    .unwrap();
     for id in &accepted {
-        let c = reader.cancel(id).await;
+        let c = operator
+            .request(&topics.call_cancel(id), serde_json::json!({}), DEADLINE)
+            .await
+            .unwrap();
         assert_eq!(c["ok"], true, "{c}");
     }
     let mut n = 0;

@@ -48,6 +48,7 @@ async fn main() {
     cfg.admission.per_client_rate = 1e6;
     cfg.admission.per_client_burst = 1e6;
     cfg.limits.max_dispatching = 10_000_000;
+    cfg.limits.max_open_per_kiosk = 0;
     let d = start_daemon(cfg).await;
     let addr = d.broker_addr;
     let reader = Kiosk::connect(addr, "test", "reader", Version::V4).await;

@@ -284,10 +284,24 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
         Inbound::CreateCall => {
             let (p, res) = decode_request::<CreateCall>(&m.payload);
             let path = reply_path(ctx, &m, p);
-            let req = match res {
+            let mut req = match res {
                 Ok(r) => r,
                 Err(e) => return bad(ctx, &m.topic, path, e.to_body()),
             };
+            // A kiosk answered on its own response topic is that kiosk: the call is its,
+            // for the open-call limit and for who may cancel it.
+            if let Some(k) = reply_kiosk(ctx, &path) {
+                match &req.kiosk_id {
+                    Some(id) if id != k => {
+                        let e = format!(
+                            "kiosk_id: {id} does not match the response topic of kiosk {k}"
+                        );
+                        return bad(ctx, &m.topic, path, ErrorBody::new(ErrorCode::Invalid, e));
+                    }
+                    Some(_) => {}
+                    None => req.kiosk_id = Some(k.to_string()),
+                }
+            }
             let (heavy, max_dispatching) = {
                 let l = ctx.live.borrow();
                 (l.heavy_kg, l.max_dispatching)
@@ -430,6 +444,14 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
                 tracing::debug!("dispatch loop gone");
             }
         }
+    }
+}
+
+/// The kiosk whose own response topic `path` names, if any.
+fn reply_kiosk<'a>(ctx: &InboundCtx, path: &'a ReplyPath) -> Option<&'a str> {
+    match ctx.topics.parse_reply_topic(path.topic.as_deref()?) {
+        Ok(ReplyOwner::Kiosk(k)) => Some(k),
+        _ => None,
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Stats {
     pub creates_admitted: AtomicU64,
     /// Creates the dispatch loop has handled (admitted − handled = in flight).
     pub creates_handled: AtomicU64,
+    /// Creates refused because their kiosk had too many open calls.
+    pub open_limited: AtomicU64,
 }
 
 /// A started daemon.
@@ -142,9 +144,11 @@ impl Running {
 }
 
 fn new_call_id(now: Millis) -> String {
-    // Time-ordered (12 hex digits of ms) plus 20 random bits: unique without a lookup.
-    let r: u32 = rand::rng().random_range(0..(1 << 20));
-    format!("c{:012x}{:05x}", now.max(0), r)
+    // Time-ordered (12 hex digits of ms) plus 64 random bits: unique without a lookup, and
+    // not guessable from the time a call was made (a call id is what a cancel or a status
+    // read names).
+    let r: u64 = rand::rng().random();
+    format!("c{:012x}{r:016x}", now.max(0))
 }
 
 fn new_pickup_code() -> String {
@@ -419,6 +423,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         publisher: pub_tx.clone(),
         stats: stats.clone(),
         max_dispatching: cfg.limits.max_dispatching,
+        max_open_per_kiosk: cfg.limits.max_open_per_kiosk,
         topics: topics.clone(),
         board,
         tariff: cfg.tariff.clone(),
@@ -575,6 +580,8 @@ struct DispatchLoop {
     publisher: mpsc::UnboundedSender<PubIn>,
     stats: Arc<Stats>,
     max_dispatching: usize,
+    /// Open calls one kiosk may have (0 = no limit).
+    max_open_per_kiosk: usize,
     topics: Topics,
     /// Latest scale readings.
     board: crate::scale::ScaleBoard,
@@ -845,6 +852,25 @@ impl DispatchLoop {
                             )),
                         );
                     }
+                    if let Some(k) = req.kiosk_id.as_deref() {
+                        let open = self.core.open_for_kiosk(k);
+                        if self.max_open_per_kiosk > 0 && open >= self.max_open_per_kiosk {
+                            // Calls finish in minutes, not milliseconds: a longer hint.
+                            let ms = 5_000 + rand::rng().random_range(0..5_000);
+                            self.stats.open_limited.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(kiosk_id = k, open, "open-call limit reached");
+                            return self.direct(
+                                path,
+                                ReplyBody::Error(ErrorBody::busy(
+                                    ms,
+                                    format!(
+                                        "kiosk {k} has {open} open calls, the most allowed; \
+                                         retry when one has finished"
+                                    ),
+                                )),
+                            );
+                        }
+                    }
                 }
                 let mut req = *req;
                 // The scale decides the class when it has a fresh, stable reading; the
@@ -912,6 +938,28 @@ impl DispatchLoop {
                     };
                     return self.direct(path, body);
                 }
+                // A kiosk may cancel only its own calls; operator tools (answered on
+                // `clients/…`) any call.
+                let asker =
+                    path.topic
+                        .as_deref()
+                        .and_then(|t| match self.topics.parse_reply_topic(t) {
+                            Ok(pickup_protocol::topic::ReplyOwner::Kiosk(k)) => Some(k.to_string()),
+                            _ => None,
+                        });
+                let owner = self.core.call(&id).and_then(|c| c.kiosk_id.clone());
+                if let (Some(asker), Some(owner)) = (&asker, &owner) {
+                    if asker != owner {
+                        tracing::warn!(call_id = %id, kiosk_id = %asker, "cancel of another kiosk's call refused");
+                        return self.direct(
+                            path,
+                            ReplyBody::Error(ErrorBody::new(
+                                ErrorCode::Forbidden,
+                                format!("call {id} was made by another kiosk"),
+                            )),
+                        );
+                    }
+                }
                 let corr = path.payload_correlation().map(str::to_string);
                 let d = self.core.cancel_call(
                     &id,
@@ -966,6 +1014,7 @@ impl DispatchLoop {
             Input::Reload(cfg) => {
                 self.core.set_config(cfg.dispatch_config());
                 self.max_dispatching = cfg.limits.max_dispatching;
+                self.max_open_per_kiosk = cfg.limits.max_open_per_kiosk;
                 self.tariff = cfg.tariff.clone();
                 self.heavy_kg = cfg.dispatch.heavy_kg;
                 self.retention_days = cfg.store.retention_days;

@@ -276,6 +276,10 @@ pub struct Dispatcher {
     freed: BTreeSet<String>,
     /// Calls that went back to waiting (a withdrawn offer, a reassignment): searched again.
     requeued: BTreeSet<String>,
+    /// Open (not yet finished) calls by the kiosk that made them, and each such call's
+    /// kiosk: the per-kiosk limit on open calls is checked without walking every call.
+    open_by_kiosk: HashMap<String, usize>,
+    open_kiosk_of: HashMap<String, String>,
 }
 
 const SEEN_REPLIES: usize = 4096;
@@ -300,6 +304,8 @@ impl Dispatcher {
             rematch: false,
             freed: BTreeSet::new(),
             requeued: BTreeSet::new(),
+            open_by_kiosk: HashMap::new(),
+            open_kiosk_of: HashMap::new(),
         }
     }
 
@@ -338,6 +344,7 @@ impl Dispatcher {
             }
             self.by_request
                 .insert(call.request_id.clone(), call.id.clone());
+            self.count_open(&call);
             self.calls.insert(call.id.clone(), call);
         }
         self.retime_all();
@@ -374,6 +381,34 @@ impl Dispatcher {
     /// Couriers currently online.
     pub fn online_count(&self) -> usize {
         self.online
+    }
+
+    /// Calls made by kiosk `kiosk_id` that are not finished yet.
+    pub fn open_for_kiosk(&self, kiosk_id: &str) -> usize {
+        self.open_by_kiosk.get(kiosk_id).copied().unwrap_or(0)
+    }
+
+    /// Counts `call` as open for its kiosk unless it is finished or already counted.
+    fn count_open(&mut self, call: &Call) {
+        let Some(k) = &call.kiosk_id else { return };
+        if call.status.is_terminal() || self.open_kiosk_of.contains_key(&call.id) {
+            return;
+        }
+        self.open_kiosk_of.insert(call.id.clone(), k.clone());
+        *self.open_by_kiosk.entry(k.clone()).or_default() += 1;
+    }
+
+    /// Stops counting call `id` as open (it finished).
+    fn uncount_open(&mut self, id: &str) {
+        let Some(k) = self.open_kiosk_of.remove(id) else {
+            return;
+        };
+        if let Some(n) = self.open_by_kiosk.get_mut(&k) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open_by_kiosk.remove(&k);
+            }
+        }
     }
 
     /// Takes `id` out of the pending set (its key holds the call's `created_at`).
@@ -520,6 +555,9 @@ impl Dispatcher {
                     if let Some(now) = self.calls.get(&call.id) {
                         **call = now.clone();
                     }
+                    if call.status.is_terminal() {
+                        self.uncount_open(&call.id);
+                    }
                     self.retime(&call.id);
                 }
                 Change::Courier(courier) => {
@@ -587,6 +625,7 @@ impl Dispatcher {
             "kiosk_id": call.kiosk_id,
             "class_corrected": new.class_corrected,
         });
+        self.count_open(&call);
         self.calls.insert(id.clone(), call);
         let mut d = Decision::default();
         d.changes.push(Change::Request {
@@ -1427,6 +1466,7 @@ impl Dispatcher {
             self.requeued.insert(id.clone());
         }
         for id in forget {
+            self.uncount_open(&id);
             if let Some(c) = self.calls.remove(&id) {
                 self.by_request.remove(&c.request_id);
             }

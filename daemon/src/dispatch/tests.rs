@@ -591,6 +591,20 @@ fn counters_follow_presence_and_pending_calls() {
     );
     assert_eq!(d2.online_count(), 1);
     assert_eq!(d2.pending_count(), 1);
+    // Open calls per kiosk: c1 (assigned) and c3 (dispatching); c2 is cancelled.
+    assert_eq!(d.open_for_kiosk("k1"), 2);
+    assert_eq!(d2.open_for_kiosk("k1"), 2);
+    assert_eq!(d.open_for_kiosk("k2"), 0);
+    d.cancel_call("c3", None, CancelledBy::Customer, None, T0 + 9);
+    let mut r = reply("c1", JobAction::PickedUp);
+    r.pickup_code = Some("4321".into());
+    d.job_reply("a", r, T0 + 10);
+    assert_eq!(d.open_for_kiosk("k1"), 1, "picked up is still open");
+    d.job_reply("a", reply("c1", JobAction::Completed), T0 + 11);
+    assert_eq!(d.open_for_kiosk("k1"), 0);
+    // Finished calls forgotten from memory do not count again.
+    d.tick(T0 + 10_000_000);
+    assert_eq!(d.open_for_kiosk("k1"), 0);
 }
 
 /// Random sequences of inputs, applied to the dispatcher and to a reference that rebuilds
@@ -789,6 +803,11 @@ mod equivalence {
             prop_assert_eq!(a.next_wakeup(), brute_wakeup(&a), "wake-up after {:?}", s);
             prop_assert_eq!(a.pending_count(), b.pending_count());
             prop_assert_eq!(a.online_count(), b.couriers().filter(|c| c.online).count());
+            let open = a
+                .calls()
+                .filter(|c| c.kiosk_id.as_deref() == Some("k1") && !c.status.is_terminal())
+                .count();
+            prop_assert_eq!(a.open_for_kiosk("k1"), open, "open calls after {:?}", s);
         }
         Ok(())
     }

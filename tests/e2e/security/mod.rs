@@ -5,6 +5,7 @@
 mod acl;
 mod embedded;
 mod hostile;
+mod limits;
 mod privacy;
 mod tls;
 
