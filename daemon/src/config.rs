@@ -137,6 +137,10 @@ pub struct MqttConfig {
     pub keep_alive_s: u16,
     /// Longest wait between reconnect attempts, milliseconds.
     pub reconnect_max_ms: u64,
+    /// Serve status reads (`calls/<id>/get`) on a second connection of their own
+    /// (client id and username `<client_id>.reads`, same secret), so that a flood of
+    /// requests queued towards the main connection does not delay them.
+    pub read_link: bool,
 }
 
 impl Default for MqttConfig {
@@ -149,6 +153,7 @@ impl Default for MqttConfig {
             password: None,
             keep_alive_s: 15,
             reconnect_max_ms: 5_000,
+            read_link: true,
         }
     }
 }
@@ -352,6 +357,12 @@ impl Config {
         }
         if self.mqtt.client_id.is_empty() || self.mqtt.client_id.len() > 64 {
             return Err(invalid("mqtt.client_id", "must be 1-64 characters"));
+        }
+        if self.mqtt.read_link && self.mqtt.client_id.len() > 58 {
+            return Err(invalid(
+                "mqtt.client_id",
+                "must be at most 58 characters with mqtt.read_link on (the read connection adds \".reads\")",
+            ));
         }
         if self.mqtt.keep_alive_s == 0 {
             return Err(invalid(

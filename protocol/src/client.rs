@@ -544,6 +544,21 @@ impl Link {
         }
     }
 
+    /// Unsubscribes from `filter` (a persistent session may hold a subscription an
+    /// earlier configuration made).
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), LinkError> {
+        match &self.inner {
+            LinkClient::V4(c) => c
+                .unsubscribe(filter)
+                .await
+                .map_err(|e| LinkError::Closed(e.to_string())),
+            LinkClient::V5(c) => c
+                .unsubscribe(filter)
+                .await
+                .map_err(|e| LinkError::Closed(e.to_string())),
+        }
+    }
+
     /// Sends DISCONNECT (no last will is published).
     pub async fn disconnect(&self) -> Result<(), LinkError> {
         match &self.inner {

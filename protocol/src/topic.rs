@@ -134,7 +134,13 @@ impl Topics {
         self.t(&format!("couriers/{cid}/replies"))
     }
 
-    /// The filters the daemon subscribes to.
+    /// What the daemon's status-read connection subscribes to.
+    pub fn call_gets(&self) -> String {
+        self.t("calls/+/get")
+    }
+
+    /// The filters the daemon subscribes to (on one connection; with a separate
+    /// status-read connection, all but [`Topics::call_gets`]).
     pub fn daemon_subscriptions(&self) -> Vec<String> {
         vec![
             self.calls_create(),

@@ -1407,7 +1407,8 @@ async fn broker_crash_during_a_publish_burst_leaves_no_row_unacknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("pickupd.db");
     let toml = format!(
-        "{}[admission]\nper_client_rate = 100000.0\nper_client_burst = 100000.0\n",
+        "{}[admission]\nper_client_rate = 100000.0\nper_client_burst = 100000.0\n\
+         [limits]\nmax_open_per_kiosk = 0\n",
         toml_with(&db, 0, Some(addr), "deadline_s = 3600\n")
     );
     let (rec, _rl) = Recorder::start(addr).await;

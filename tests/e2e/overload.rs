@@ -121,3 +121,86 @@ async fn flood_is_shed_with_busy_and_recovers() {
         assert_eq!(n, 1, "accepted call {id} missing");
     }
 }
+
+/// Status reads have a connection of their own: with the dispatch loop hung (test fault
+/// injection) and thousands of courier reports queued towards the daemon's main
+/// connection behind a full inbound queue, a `get` is still answered. On one shared
+/// connection it would wait behind every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_are_answered_while_the_main_connection_is_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let db = dir.path().join("pickupd.db");
+    let stall = dir.path().join("stall");
+    let mut d = DaemonProcess::spawn_env(
+        dir.path(),
+        &process_toml(&db, port, None),
+        &[("PICKUPD_TEST_STALL_FILE", stall.as_os_str())],
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until("the daemon's broker listens", || async {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    let kiosk = Kiosk::connect(addr, "test", "k1", Version::V4).await;
+    let created = kiosk.create(kiosk.call_body("before")).await;
+    assert_eq!(created["ok"], true, "{created}");
+    let id = created["call"]["call_id"].as_str().unwrap().to_string();
+
+    // Hang the dispatch loop and wait until it says so.
+    std::fs::write(&stall, b"").unwrap();
+    let log = dir.path().join("pickupd.log");
+    wait_until("the dispatch loop hangs", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("test fault injection"))
+        }
+    })
+    .await;
+    // A create now waits for the loop; courier reports fill the loop's queue (2048) and
+    // then block the task that reads the main connection.
+    let topics = Topics::new("test").unwrap();
+    let pending_create = {
+        let req = kiosk.req.clone();
+        let (t, body) = (topics.calls_create(), kiosk.call_body("during"));
+        tokio::spawn(async move { req.request(&t, body, DEADLINE * 3).await })
+    };
+    let (courier, _rx) = pickup_protocol::client::Requester::connect(
+        pickup_protocol::client::LinkOptions::new(url(addr), "courier-x"),
+        topics.courier_replies("x"),
+        vec![],
+        DEADLINE,
+    )
+    .await
+    .unwrap();
+    let presence = serde_json::json!({"state": "online", "available": false}).to_string();
+    for _ in 0..3_000 {
+        courier
+            .link()
+            .publish(
+                &topics.courier_presence("x"),
+                true,
+                false,
+                presence.clone().into_bytes(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    // Answered from the read side while all of that waits.
+    for _ in 0..3 {
+        let got = kiosk.get(&id).await;
+        assert_eq!(got["ok"], true, "{got}");
+        assert_eq!(got["call"]["call_id"], id.as_str());
+    }
+    assert!(
+        !pending_create.is_finished(),
+        "the create waited for the loop"
+    );
+
+    // Released, the loop works through its backlog and answers the create.
+    std::fs::remove_file(&stall).unwrap();
+    let a = pending_create.await.unwrap().expect("create answered");
+    assert_eq!(a["ok"], true, "{a}");
+    assert!(d.terminate().success());
+}

@@ -516,6 +516,11 @@ impl DaemonProcess {
     /// Writes `toml` to `dir/pickupd.toml` and starts `pickupd --config` on it, with its
     /// log in `dir/pickupd.log` (appended across restarts).
     pub fn spawn(dir: &Path, toml: &str) -> Self {
+        Self::spawn_env(dir, toml, &[])
+    }
+
+    /// [`DaemonProcess::spawn`] with extra environment variables.
+    pub fn spawn_env(dir: &Path, toml: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let config = dir.join("pickupd.toml");
         std::fs::write(&config, toml).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -528,6 +533,7 @@ impl DaemonProcess {
             .arg(&config)
             .env_remove("NOTIFY_SOCKET")
             .env("RUST_LOG", "info,rumqttd=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -71,6 +71,10 @@ pub struct MqttState {
     pub rejected: AtomicU64,
     /// Creates refused with `busy`.
     pub shed: AtomicU64,
+    /// The status-read connection is up.
+    pub reads_connected: AtomicBool,
+    /// Its subscription is confirmed.
+    pub reads_subscribed: AtomicBool,
 }
 
 /// Everything the inbound task needs.
@@ -103,6 +107,8 @@ pub struct InboundCtx {
     pub stop: watch::Receiver<bool>,
     /// Watchdog heartbeat of this task.
     pub beat: crate::systemd::Heartbeat,
+    /// Status reads arrive on their own connection ([`super::reads`]), not this one.
+    pub read_link: bool,
 }
 
 /// Runs until told to stop or the client is closed.
@@ -140,10 +146,22 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
                 // Not from this task: the call may wait on the client's channel, which
                 // only this task drains.
                 let link = ctx.link.clone();
-                let filters = ctx.topics.daemon_subscriptions();
+                let gets = ctx.topics.call_gets();
+                let read_link = ctx.read_link;
+                let mut filters = ctx.topics.daemon_subscriptions();
+                if read_link {
+                    filters.retain(|f| *f != gets);
+                }
                 tokio::spawn(async move {
                     if let Err(e) = link.subscribe_many(&filters).await {
                         tracing::warn!(error = %e, "subscribe failed");
+                    }
+                    // A kept session may still hold the subscription of a configuration
+                    // without the read connection: every get would be answered twice.
+                    if read_link {
+                        if let Err(e) = link.unsubscribe(&gets).await {
+                            tracing::debug!(error = %e, "unsubscribe failed");
+                        }
                     }
                 });
                 if !session_present && !first {
@@ -201,6 +219,15 @@ fn reply(ctx: &InboundCtx, path: ReplyPath, body: ReplyBody) {
 /// Combines MQTT 5 properties and payload fields into a reply path whose topic is
 /// confined to reply topics, so a request cannot make the daemon publish elsewhere.
 fn reply_path(ctx: &InboundCtx, m: &Message, from_payload: ReplyPath) -> ReplyPath {
+    confined_reply_path(&ctx.topics, m, from_payload)
+}
+
+/// [`reply_path`] for any connection of the daemon.
+pub(super) fn confined_reply_path(
+    topics: &Topics,
+    m: &Message,
+    from_payload: ReplyPath,
+) -> ReplyPath {
     let mut p = from_payload;
     if m.response_topic.is_some() {
         p.topic = m.response_topic.clone();
@@ -209,7 +236,7 @@ fn reply_path(ctx: &InboundCtx, m: &Message, from_payload: ReplyPath) -> ReplyPa
         p.correlation_data = m.correlation_data.clone();
     }
     if let Some(t) = &p.topic {
-        match ctx.topics.parse_reply_topic(t) {
+        match topics.parse_reply_topic(t) {
             Ok(ReplyOwner::Kiosk(_) | ReplyOwner::Client(_) | ReplyOwner::Courier(_)) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "refusing reply topic");
@@ -373,6 +400,9 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
             {
                 tracing::debug!("dispatch loop gone");
             }
+        }
+        Inbound::GetCall(_) if ctx.read_link => {
+            tracing::debug!("status request on the main connection ignored (read connection on)");
         }
         Inbound::GetCall(id) => {
             let (p, res) = decode_request::<GetCall>(&m.payload);

@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod inbound;
 pub mod publisher;
+pub mod reads;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -237,6 +238,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         delay_s: None,
     });
     let (link, events) = client::link(&lo);
+    // The status-read connection: its own identity (same secret), a clean session (a
+    // status request nobody answered in time is retried by its kiosk), no last will.
+    let read_link = cfg.mqtt.read_link.then(|| {
+        let mut ro = lo.clone();
+        ro.client_id = crate::security::registry::reads_identity(&lo.client_id);
+        ro.clean_session = true;
+        ro.will = None;
+        ro.inflight = 100;
+        ro.channel_capacity = 1024;
+        ro.credentials = lo
+            .credentials
+            .as_ref()
+            .map(|(u, p)| (crate::security::registry::reads_identity(u), p.clone()));
+        client::link(&ro)
+    });
 
     // Writer and publisher.
     let (committed_tx, mut committed_rx) = mpsc::unbounded_channel();
@@ -285,11 +301,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     // Reader thread for status reads.
     let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<GetRequest>(cfg.limits.read_queue);
     let reader = Reader::open(&path)?;
+    let (answer_tx, answer_rx) = mpsc::unbounded_channel::<Reply>();
     {
+        // Answers leave on the connection the request came in on.
         let pub_tx = pub_tx.clone();
+        let to_reads = answer_tx.clone();
+        let on_read_link = read_link.is_some();
+        let sink = move |r: Reply| {
+            if on_read_link {
+                to_reads.send(r).is_ok()
+            } else {
+                pub_tx.send(PubIn::Direct(r)).is_ok()
+            }
+        };
         std::thread::Builder::new()
             .name("status-reader".into())
-            .spawn(move || serve_reads(reader, read_rx, pub_tx))?;
+            .spawn(move || serve_reads(reader, read_rx, sink))?;
     }
 
     // Inbound MQTT task.
@@ -307,6 +334,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_for_scales = stop_rx.clone();
+    let stop_rx_for_reads = stop_rx.clone();
     crate::notify::webhook::start(
         &cfg.notifications.webhook,
         &cfg.site,
@@ -321,7 +349,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             topics: topics.clone(),
             link: link.clone(),
             dispatch: dispatch_tx.clone(),
-            reads: read_tx,
+            reads: read_tx.clone(),
             publisher: pub_tx.clone(),
             state: mqtt_state.clone(),
             live: heavy_rx,
@@ -332,8 +360,32 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
             stop: stop_rx,
             beat: heartbeats.register("mqtt"),
+            read_link: read_link.is_some(),
         },
     ));
+    let reads_link = match read_link {
+        Some((rlink, revents)) => {
+            tokio::spawn(reads::answer(rlink.clone(), answer_rx));
+            let task = tokio::spawn(reads::run(
+                revents,
+                reads::ReadsCtx {
+                    topics: topics.clone(),
+                    link: rlink.clone(),
+                    reads: read_tx,
+                    answers: answer_tx,
+                    state: mqtt_state.clone(),
+                    reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
+                    stop: stop_rx_for_reads,
+                    beat: heartbeats.register("mqtt-reads"),
+                },
+            ));
+            Some((rlink, task))
+        }
+        None => {
+            drop((read_tx, answer_tx, answer_rx));
+            None
+        }
+    };
 
     // Readiness: subscriptions confirmed → retained daemon state "ready".
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -341,11 +393,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         let st = mqtt_state.clone();
         let pub_tx = pub_tx.clone();
         let topic = topics.daemon_state();
+        let need_reads = reads_link.is_some();
         tokio::spawn(async move {
             let mut was = false;
             loop {
-                let now =
-                    st.subscribed.load(Ordering::Relaxed) && st.connected.load(Ordering::Relaxed);
+                let now = st.subscribed.load(Ordering::Relaxed)
+                    && st.connected.load(Ordering::Relaxed)
+                    && (!need_reads
+                        || (st.reads_subscribed.load(Ordering::Relaxed)
+                            && st.reads_connected.load(Ordering::Relaxed)));
                 if now && !was {
                     let _ =
                         pub_tx.send(PubIn::Raw(daemon_state(&topic, DaemonStatus::Ready, None)));
@@ -480,6 +536,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
             // A clean DISCONNECT (queued after "stopping") does not fire the "lost" will.
             let _ = tokio::time::timeout(Duration::from_millis(500), link.disconnect()).await;
+            if let Some((rlink, _)) = &reads_link {
+                let _ = tokio::time::timeout(Duration::from_millis(500), rlink.disconnect()).await;
+            }
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
                 while mqtt_state.connected.load(Ordering::Relaxed) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -488,6 +547,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .await;
             let _ = stop_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), inbound).await;
+            if let Some((_, task)) = reads_link {
+                let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+            }
             drop(link);
             drop(writer);
             drop(dispatch_tx);
@@ -537,10 +599,12 @@ pub fn daemon_state(topic: &str, state: DaemonStatus, admission: Option<&str>) -
 }
 
 /// Answers status reads from the read-only connection.
+/// The reader thread: answers status reads from the database; `answer` sends an answer
+/// out (false once nobody takes them).
 fn serve_reads(
     reader: Reader,
     rx: std::sync::mpsc::Receiver<GetRequest>,
-    publisher: mpsc::UnboundedSender<PubIn>,
+    answer: impl Fn(Reply) -> bool,
 ) {
     while let Ok(req) = rx.recv() {
         let body = match reader.call(&req.call_id) {
@@ -560,13 +624,10 @@ fn serve_reads(
                 ReplyBody::Error(ErrorBody::new(ErrorCode::Internal, "status read failed"))
             }
         };
-        if publisher
-            .send(PubIn::Direct(Reply {
-                path: req.path,
-                body,
-            }))
-            .is_err()
-        {
+        if !answer(Reply {
+            path: req.path,
+            body,
+        }) {
             break;
         }
     }
@@ -591,8 +652,9 @@ struct DispatchLoop {
     heavy_kg: f64,
     /// Watchdog heartbeat.
     beat: crate::systemd::Heartbeat,
-    /// Test-only fault injection: while this file exists the loop hangs (blocking its
-    /// thread), so the watchdog test can see pings stop. Unset in production.
+    /// Test-only fault injection: while this file exists the loop hangs (takes no input
+    /// and does not beat), so tests can see watchdog pings stop and what still works
+    /// without the loop. Unset in production.
     stall_file: Option<PathBuf>,
     /// The database, for republishing retained state from a reader of its own.
     db: PathBuf,
@@ -652,9 +714,10 @@ impl DispatchLoop {
                 _ = heartbeat.tick() => {
                     // Proves the loop turns and the writer takes work (watchdog).
                     let _ = self.writer.try_send(WriteJob { op: Op::Ping, after: None });
-                    if let Some(f) = &self.stall_file {
+                    if let Some(f) = self.stall_file.as_ref().filter(|f| f.exists()) {
+                        tracing::warn!(file = %f.display(), "test fault injection: the dispatch loop hangs while this file exists");
                         while f.exists() {
-                            std::thread::sleep(Duration::from_millis(20));
+                            tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                     }
                 }

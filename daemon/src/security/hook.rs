@@ -170,8 +170,9 @@ impl DeviceAuth {
             return Err(Refusal::NoUser);
         }
         if let Some((id, secret)) = &self.pinned {
-            if user == id {
-                return if client_id != id {
+            // The daemon's own identity, or its status-read connection's.
+            if user == id || user.strip_suffix(registry::READS_SUFFIX) == Some(id.as_str()) {
+                return if client_id != user {
                     Err(Refusal::WrongClientId)
                 } else if ct_eq(pass.as_bytes(), secret.as_bytes()) {
                     Ok(Role::Daemon)
@@ -181,8 +182,22 @@ impl DeviceAuth {
             }
         }
         let reg = self.registry();
-        let dev = reg.get(user).ok_or(Refusal::UnknownDevice)?;
-        if !registry::client_id_allowed(dev.role, &dev.id, client_id) {
+        let dev = match reg.get(user) {
+            Some(d) => d,
+            // A daemon's status-read connection: the daemon's secret, its own client id.
+            None => {
+                let base = user
+                    .strip_suffix(registry::READS_SUFFIX)
+                    .and_then(|b| reg.get(b))
+                    .filter(|d| d.role == Role::Daemon)
+                    .ok_or(Refusal::UnknownDevice)?;
+                if client_id != user {
+                    return Err(Refusal::WrongClientId);
+                }
+                base
+            }
+        };
+        if dev.id == user && !registry::client_id_allowed(dev.role, &dev.id, client_id) {
             return Err(Refusal::WrongClientId);
         }
         let key: Key = (dev.id.clone(), sha256(pass));
@@ -254,6 +269,7 @@ mod tests {
         let mut r = Registry::default();
         let s_k1 = r.add("k1", Role::Kiosk, 0).unwrap();
         let s_c1 = r.add("c1", Role::Courier, 0).unwrap();
+        let s_d2 = r.add("d2", Role::Daemon, 0).unwrap();
         r.save(&path).unwrap();
         let auth = DeviceAuth::new(&path, Some(("pickupd".into(), "own".into()))).unwrap();
 
@@ -294,6 +310,33 @@ mod tests {
         );
         assert_eq!(
             auth.check("x", "pickupd", "own"),
+            Err(Refusal::WrongClientId)
+        );
+        // The daemon's status-read connection: same secret, its own client id.
+        assert_eq!(
+            auth.check("pickupd.reads", "pickupd.reads", "own"),
+            Ok(Role::Daemon)
+        );
+        assert_eq!(
+            auth.check("pickupd", "pickupd.reads", "own"),
+            Err(Refusal::WrongClientId)
+        );
+        assert_eq!(
+            auth.check("pickupd.reads", "pickupd.reads", "other"),
+            Err(Refusal::WrongSecret)
+        );
+        assert_eq!(
+            auth.check("k1.reads", "k1.reads", &s_k1),
+            Err(Refusal::UnknownDevice),
+            "only a daemon identity has a read identity"
+        );
+        assert_eq!(
+            auth.check("d2.reads", "d2.reads", &s_d2),
+            Ok(Role::Daemon),
+            "a daemon identity from the registry"
+        );
+        assert_eq!(
+            auth.check("d2", "d2.reads", &s_d2),
             Err(Refusal::WrongClientId)
         );
 

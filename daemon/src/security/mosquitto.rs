@@ -26,7 +26,8 @@
 //! - operator: read state (`P/calls/+/state`, `P/couriers/+/{presence,location,job}`,
 //!   `P/scales/+/weight`, `P/daemon/state`) and `P/clients/+/replies`; write only
 //!   `P/calls/+/get` (status requests change nothing);
-//! - daemon: read and write `P/#`.
+//! - daemon: read and write `P/#`; its status-read connection (`<daemon>.reads`, same
+//!   secret): read `P/calls/+/get`, write `P/{kiosks,clients}/+/replies`.
 //!
 //! Anything not granted is denied. Mosquitto drops a denied publish silently (a QoS 1
 //! publish is still acknowledged) and answers a denied subscription with SUBACK 0x80.
@@ -90,6 +91,17 @@ pub fn acl(registry: &Registry, topics: &Topics) -> String {
         for (access, topic) in rules {
             let _ = writeln!(s, "topic {access} {topic}");
         }
+        if d.role == Role::Daemon {
+            // Its status-read connection: status requests in, answers out.
+            let r = super::registry::reads_identity(id);
+            let _ = writeln!(
+                s,
+                "\n# daemon {id}: status-read connection\nuser {r}\n\
+                 topic read {p}/calls/+/get\n\
+                 topic write {p}/kiosks/+/replies\n\
+                 topic write {p}/clients/+/replies"
+            );
+        }
     }
     s
 }
@@ -98,7 +110,15 @@ pub fn acl(registry: &Registry, topics: &Topics) -> String {
 pub fn passwd(registry: &Registry) -> String {
     registry
         .iter()
-        .map(|d| format!("{}:{}\n", d.id, d.mosquitto_hash))
+        .map(|d| {
+            let mut line = format!("{}:{}\n", d.id, d.mosquitto_hash);
+            if d.role == Role::Daemon {
+                // The status-read connection signs in with the daemon's secret.
+                let r = super::registry::reads_identity(&d.id);
+                line.push_str(&format!("{r}:{}\n", d.mosquitto_hash));
+            }
+            line
+        })
         .collect()
 }
 
@@ -231,8 +251,23 @@ mod tests {
             "operators do not read phone numbers"
         );
         assert!(op.lines().filter(|l| l.starts_with("topic write")).count() == 1);
+        assert!(a.contains(
+            "user pickupd.reads\ntopic read pickup/v1/s/calls/+/get\n\
+             topic write pickup/v1/s/kiosks/+/replies\n\
+             topic write pickup/v1/s/clients/+/replies\n"
+        ));
         let p = passwd(&r);
-        assert_eq!(p.lines().count(), 5);
+        assert_eq!(
+            p.lines().count(),
+            6,
+            "five devices and the daemon's read identity"
+        );
+        let hash = |u: &str| {
+            p.lines()
+                .find_map(|l| l.strip_prefix(&format!("{u}:")).map(str::to_string))
+                .unwrap()
+        };
+        assert_eq!(hash("pickupd.reads"), hash("pickupd"));
         assert!(p.lines().all(|l| l.contains(":$7$10000$")));
     }
 }

@@ -141,6 +141,16 @@ pub fn client_id_allowed(role: Role, id: &str, client_id: &str) -> bool {
         })
 }
 
+/// Suffix of the daemon's second identity, used by its status-read connection: the same
+/// secret as the daemon, its own client id (a broker allows one connection per client id,
+/// and Mosquitto binds client ids to usernames), and only the rights that reads need.
+pub const READS_SUFFIX: &str = ".reads";
+
+/// The read connection's identity for daemon identity `id`.
+pub fn reads_identity(id: &str) -> String {
+    format!("{id}{READS_SUFFIX}")
+}
+
 /// Checks a new device id; the message says what is wrong.
 pub fn check_id(id: &str, role: Role) -> Result<(), String> {
     if !is_valid_id(id) || id.len() > MAX_DEVICE_ID {
@@ -151,6 +161,11 @@ pub fn check_id(id: &str, role: Role) -> Result<(), String> {
     if id.contains("--") {
         return Err(format!(
             "device id {id:?} must not contain \"--\" (it separates an operator's client id suffix)"
+        ));
+    }
+    if id.ends_with(READS_SUFFIX) {
+        return Err(format!(
+            "device id {id:?} must not end with {READS_SUFFIX:?} (reserved for the daemon's status-read connection)"
         ));
     }
     if role == Role::Daemon {
