@@ -287,5 +287,13 @@ async fn daemon_over_tls_to_mosquitto_with_its_identity() {
     relay
         .wait_payload(&t.notifications(), "010-1234-5678")
         .await;
+    // The status read goes through the daemon's read connection (`pickupd.reads`, in the
+    // generated password file and ACL) and its answer reaches the kiosk.
+    let id = a["call"]["call_id"].as_str().unwrap();
+    let got = k1
+        .request(&t.call_get(id), json!({}), DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(got["call"]["status"], "assigned", "{got}");
     d.shutdown(DEADLINE).await.unwrap();
 }
