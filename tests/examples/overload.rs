@@ -2,7 +2,10 @@
 //! are offered at several times that, how fast status reads stay meanwhile, and how soon
 //! new calls are accepted again once the flood stops.
 //!
-//!     cargo run --release -p pickup-e2e --example overload [-- SECONDS MULTIPLIER]
+//!     cargo run --release -p pickup-e2e --example overload [-- SECONDS MULTIPLIER [one-link]]
+//!
+//! `one-link` serves status reads on the daemon's main connection (`mqtt.read_link =
+//! false`), to compare with their own connection (the default).
 //!
 //! Phases, all against the daemon in this process with its embedded broker and a SQLite
 //! file in a temporary directory: (1) idle status reads; (2) flat out from 16 kiosks, 4
@@ -49,6 +52,11 @@ async fn main() {
     cfg.admission.per_client_burst = 1e6;
     cfg.limits.max_dispatching = 10_000_000;
     cfg.limits.max_open_per_kiosk = 0;
+    cfg.mqtt.read_link = args.get(3).map(String::as_str) != Some("one-link");
+    println!(
+        "status reads on their own connection: {}",
+        cfg.mqtt.read_link
+    );
     let d = start_daemon(cfg).await;
     let addr = d.broker_addr;
     let reader = Kiosk::connect(addr, "test", "reader", Version::V4).await;

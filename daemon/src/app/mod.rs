@@ -365,21 +365,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     ));
     let reads_link = match read_link {
         Some((rlink, revents)) => {
-            tokio::spawn(reads::answer(rlink.clone(), answer_rx));
-            let task = tokio::spawn(reads::run(
-                revents,
-                reads::ReadsCtx {
-                    topics: topics.clone(),
-                    link: rlink.clone(),
-                    reads: read_tx,
-                    answers: answer_tx,
-                    state: mqtt_state.clone(),
-                    reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
-                    stop: stop_rx_for_reads,
-                    beat: heartbeats.register("mqtt-reads"),
-                },
-            ));
-            Some((rlink, task))
+            let ctx = reads::ReadsCtx {
+                topics: topics.clone(),
+                link: rlink.clone(),
+                reads: read_tx,
+                answers: answer_tx,
+                state: mqtt_state.clone(),
+                reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms.max(100)),
+                stop: stop_rx_for_reads,
+                beat: heartbeats.register("mqtt-reads"),
+            };
+            let thread = reads::spawn(revents, ctx, answer_rx)?;
+            Some((rlink, thread))
         }
         None => {
             drop((read_tx, answer_tx, answer_rx));
@@ -547,8 +544,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .await;
             let _ = stop_tx.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), inbound).await;
-            if let Some((_, task)) = reads_link {
-                let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+            if let Some((_, thread)) = reads_link {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::task::spawn_blocking(move || thread.join()),
+                )
+                .await;
             }
             drop(link);
             drop(writer);

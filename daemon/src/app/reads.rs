@@ -37,6 +37,27 @@ pub struct ReadsCtx {
     pub beat: crate::systemd::Heartbeat,
 }
 
+/// Runs the read connection on a thread of its own with its own small runtime: under a
+/// flood the daemon's worker threads have long queues of inbound work, and status reads
+/// must not wait in them. Returns when the thread is started; it ends after `ctx.stop`.
+pub fn spawn(
+    events: LinkEvents,
+    ctx: ReadsCtx,
+    answers: mpsc::UnboundedReceiver<Reply>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("mqtt-reads".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::spawn(answer(ctx.link.clone(), answers));
+                run(events, ctx).await;
+            });
+        })
+}
+
 /// Publishes answers on the read connection until the channel closes. Runs apart from
 /// [`run`] because a publish may wait on the client's channel, which only `run` drains.
 pub async fn answer(link: Link, mut rx: mpsc::UnboundedReceiver<Reply>) {
