@@ -515,6 +515,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// Calls per page when the retained state is republished.
+const REPUBLISH_PAGE: usize = 500;
+/// Pages of republished state queued for the publisher at most.
+const REPUBLISH_PAGES_QUEUED: usize = 2;
+
 /// The retained `daemon/state` message.
 pub fn daemon_state(topic: &str, state: DaemonStatus, admission: Option<&str>) -> OutMsg {
     OutMsg {
@@ -689,7 +694,10 @@ impl DispatchLoop {
 
     /// Publishes the retained state again: courier jobs from memory, call views from the
     /// database (live calls and those within the retention period), page by page on a
-    /// blocking thread so the loop is not held up.
+    /// blocking thread so the loop is not held up. Paced: a page is queued only once the
+    /// publisher has handed the page before the last one to the client, so at most two
+    /// pages wait in its (unbounded) input, however many calls are stored; live messages
+    /// queued meanwhile are interleaved rather than stuck behind the whole table.
     fn republish(&self, now: Millis) {
         let jobs = self.core.retained_snapshot(now);
         let n_mem = jobs.len();
@@ -714,8 +722,17 @@ impl DispatchLoop {
             };
             let mut after = String::new();
             let mut total = 0usize;
+            // Marks of the pages queued and not yet reached by the publisher.
+            let mut marks = std::collections::VecDeque::<oneshot::Receiver<()>>::new();
             loop {
-                let page = match reader.views_page(since, &after, 500) {
+                while marks.len() >= REPUBLISH_PAGES_QUEUED {
+                    let Some(m) = marks.pop_front() else { break };
+                    if m.blocking_recv().is_err() {
+                        // The publisher stopped (shutdown).
+                        return;
+                    }
+                }
+                let page = match reader.views_page(since, &after, REPUBLISH_PAGE) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::error!(error = %e, "republish: read failed");
@@ -736,6 +753,11 @@ impl DispatchLoop {
                         return;
                     }
                 }
+                let (tx, rx) = oneshot::channel();
+                if publisher.send(PubIn::Mark(tx)).is_err() {
+                    return;
+                }
+                marks.push_back(rx);
             }
             tracing::info!(calls = total, jobs = n_mem, "retained state republished");
         });
