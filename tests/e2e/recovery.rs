@@ -130,3 +130,58 @@ async fn republishing_many_stored_calls_is_paced() {
     );
     d.shutdown(DEADLINE).await.unwrap();
 }
+
+/// A repeated create for a call the daemon no longer holds in memory is still answered
+/// with that call once the filter of stored request ids is in use; new request ids,
+/// which the filter lets skip the database, still create calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_of_forgotten_calls_are_found_with_the_request_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(test_config(dir.path())).await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "k", Version::V4).await;
+    let a = kiosk.create(kiosk.call_body("old-1")).await;
+    let id = a["call"]["call_id"].as_str().unwrap().to_string();
+    assert_eq!(kiosk.cancel(&id).await["ok"], true);
+    d.shutdown(DEADLINE).await.unwrap();
+
+    // Finished calls are not loaded at start: the call exists only in the file.
+    let mut cfg = test_config(dir.path());
+    cfg.dispatch.keep_terminal_s = 0;
+    let d = start_daemon(cfg).await;
+    wait_until("request id filter built", || async {
+        d.stats
+            .request_filter
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "k", Version::V4).await;
+    let again = kiosk.create(kiosk.call_body("old-1")).await;
+    assert_eq!(again["call"]["call_id"], id.as_str(), "{again}");
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["pickup_code"], a["pickup_code"]);
+    let b = kiosk.create(kiosk.call_body("new-1")).await;
+    assert_eq!(b["duplicate"], false, "{b}");
+    assert_ne!(b["call"]["call_id"], id.as_str());
+    let b2 = kiosk.create(kiosk.call_body("new-1")).await;
+    assert_eq!(b2["call"]["call_id"], b["call"]["call_id"]);
+    assert_eq!(b2["duplicate"], true);
+    d.shutdown(DEADLINE).await.unwrap();
+
+    // And after another restart the new call's request id is in the rebuilt filter.
+    let mut cfg = test_config(dir.path());
+    cfg.dispatch.keep_terminal_s = 0;
+    let d = start_daemon(cfg).await;
+    wait_until("request id filter built", || async {
+        d.stats
+            .request_filter
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "k", Version::V4).await;
+    let old = kiosk.create(kiosk.call_body("old-1")).await;
+    assert_eq!(old["call"]["call_id"], id.as_str(), "{old}");
+    let b3 = kiosk.create(kiosk.call_body("new-1")).await;
+    assert_eq!(b3["call"]["call_id"], b["call"]["call_id"], "{b3}");
+    assert_eq!(b3["duplicate"], true);
+    d.shutdown(DEADLINE).await.unwrap();
+}

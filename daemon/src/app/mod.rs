@@ -32,6 +32,7 @@ use self::inbound::{GetRequest, InboundCtx, Input, MqttState};
 use self::publisher::{AfterCommit, PubIn, PublisherStats, Reply};
 use crate::config::Config;
 use crate::dispatch::{CancelledBy, Decision, Dispatcher, NewCall, OutMsg, ReplyBody};
+use crate::store::requests::RequestFilter;
 use crate::store::{self, now_ms, Op, Reader, StoreError, WriteJob, Writer};
 
 /// Live counters, for the status line, metrics and tests.
@@ -47,6 +48,9 @@ pub struct Stats {
     pub creates_admitted: AtomicU64,
     /// Creates the dispatch loop has handled (admitted − handled = in flight).
     pub creates_handled: AtomicU64,
+    /// Whether the filter of stored request ids is built (until then every create with a
+    /// request id unknown in memory is looked up in the database).
+    pub request_filter: std::sync::atomic::AtomicBool,
 }
 
 /// A started daemon.
@@ -428,6 +432,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         db: path.clone(),
         retention_days: cfg.store.retention_days,
         metrics: metrics.clone(),
+        requests: None,
+        requests_meanwhile: None,
     };
     let done = {
         let link = link.clone();
@@ -598,6 +604,12 @@ struct DispatchLoop {
     retention_days: u32,
     /// Event counters and the assignment latency histogram.
     metrics: Arc<crate::metrics::Metrics>,
+    /// Request ids the database may hold, once built: a create whose request id is
+    /// certainly not there skips the lookup (see `store::requests`).
+    requests: Option<RequestFilter>,
+    /// While a filter is being built: the request ids created meanwhile, merged into it
+    /// when it arrives (the build reads a snapshot and would miss them).
+    requests_meanwhile: Option<RequestFilter>,
 }
 
 impl DispatchLoop {
@@ -613,6 +625,7 @@ impl DispatchLoop {
         // Recovery: timers were restored with their stored times; catch up at once.
         let d = self.core.tick(now_ms());
         self.submit(d, None).await;
+        let mut building = Some(self.build_request_filter().await);
         loop {
             let wake = self.core.next_wakeup();
             let sleep = async {
@@ -647,6 +660,10 @@ impl DispatchLoop {
                     self.submit(d, None).await;
                 }
                 _ = retention.tick() => self.prune().await,
+                built = async { building.as_mut().expect("precondition").await }, if building.is_some() => {
+                    building = None;
+                    self.request_filter_built(built);
+                }
                 _ = heartbeat.tick() => {
                     // Proves the loop turns and the writer takes work (watchdog).
                     let _ = self.writer.try_send(WriteJob { op: Op::Ping, after: None });
@@ -661,6 +678,9 @@ impl DispatchLoop {
                 let d = self.core.assign_pending(now_ms());
                 self.submit(d, None).await;
             }
+            if building.is_none() && self.requests.as_ref().is_some_and(RequestFilter::saturated) {
+                building = Some(self.build_request_filter().await);
+            }
             self.stats
                 .dispatching
                 .store(self.core.pending_count() as u64, Ordering::Relaxed);
@@ -671,6 +691,64 @@ impl DispatchLoop {
         }
         // Inputs still queued are requests not yet answered: kiosks retry them.
         rx.close();
+    }
+
+    /// Starts building a filter of the request ids stored (on a blocking thread, from a
+    /// read connection of its own), sized for twice what the database holds or twice what
+    /// the current filter was sized for, whichever is larger. The build reads once every
+    /// job queued so far is committed, and the ids created from now on are kept aside
+    /// for it, so that no stored request id is missing from the result.
+    async fn build_request_filter(
+        &mut self,
+    ) -> tokio::task::JoinHandle<Result<RequestFilter, StoreError>> {
+        let stored = store::requests::capacity_for(&self.reader).unwrap_or(0);
+        let cap = self
+            .requests
+            .as_ref()
+            .map_or(0, |f| f.capacity().saturating_mul(2))
+            .max(stored);
+        self.requests_meanwhile = Some(RequestFilter::with_capacity(cap));
+        let (btx, brx) = oneshot::channel();
+        let queued = self
+            .writer
+            .send(WriteJob {
+                op: Op::Ping,
+                after: Some(AfterCommit::Barrier(btx)),
+            })
+            .await
+            .is_ok();
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            if !queued || brx.blocking_recv().is_err() {
+                return Err(StoreError::WriterGone);
+            }
+            store::requests::build(&db, cap)
+        })
+    }
+
+    /// Takes a built filter into use, with the request ids created while it was built.
+    fn request_filter_built(
+        &mut self,
+        built: Result<Result<RequestFilter, StoreError>, tokio::task::JoinError>,
+    ) {
+        let meanwhile = self.requests_meanwhile.take();
+        match built {
+            Ok(Ok(mut f)) => {
+                if let Some(m) = &meanwhile {
+                    f.merge(m);
+                }
+                tracing::info!(
+                    capacity = f.capacity(),
+                    kib = f.bytes() / 1024,
+                    "request id filter built"
+                );
+                self.requests = Some(f);
+                self.stats.request_filter.store(true, Ordering::Relaxed);
+            }
+            // Without a filter every create is looked up, as before: slower, still right.
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot build the request id filter"),
+            Err(e) => tracing::warn!(error = %e, "request id filter build failed"),
+        }
     }
 
     /// Deletes finished calls past the retention period, a batch at a time.
@@ -827,9 +905,19 @@ impl DispatchLoop {
             Input::Create(req, path) => {
                 let span = tracing::info_span!("create", request_id = %req.request_id);
                 let _g = span.enter();
+                let stored = self
+                    .requests
+                    .as_ref()
+                    .is_none_or(|f| f.may_contain(&req.request_id));
                 if self.core.call_for_request(&req.request_id).is_none() {
-                    // An older call for the same request id, no longer in memory.
-                    match self.reader.call_for_request(&req.request_id) {
+                    // An older call for the same request id, no longer in memory (looked
+                    // up unless the filter says the database certainly lacks it).
+                    let found = if stored {
+                        self.reader.call_for_request(&req.request_id)
+                    } else {
+                        Ok(None)
+                    };
+                    match found {
                         Ok(Some(call_id)) => {
                             let body = match self.reader.call_body(&call_id) {
                                 Ok(Some(call)) => ReplyBody::Create(Box::new(CreateAnswer {
@@ -869,6 +957,13 @@ impl DispatchLoop {
                     }
                 }
                 let mut req = *req;
+                // Every call created from here on is stored under this request id.
+                for f in [&mut self.requests, &mut self.requests_meanwhile]
+                    .into_iter()
+                    .flatten()
+                {
+                    f.insert(&req.request_id);
+                }
                 // The scale decides the class when it has a fresh, stable reading; the
                 // call never waits for it.
                 let parcel = self.board.resolve(

@@ -8,6 +8,7 @@
 //! every job waiting in the queue joins one transaction and one fsync.
 
 pub mod deliveries;
+pub mod requests;
 mod schema;
 
 use std::collections::{HashMap, HashSet};
