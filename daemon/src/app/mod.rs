@@ -526,6 +526,52 @@ const REPUBLISH_PAGE: usize = 500;
 /// Pages of republished state queued for the publisher at most.
 const REPUBLISH_PAGES_QUEUED: usize = 2;
 
+/// Queues the retained state of every stored call live or finished since `since`, a page
+/// at a time, for the publisher. Blocking (runs on a blocking thread): before reading a
+/// page it waits until the publisher has reached the mark queued after the page before
+/// the last, so that at most [`REPUBLISH_PAGES_QUEUED`] pages wait in the publisher's
+/// unbounded input. Returns the number of calls, or None if the publisher stopped.
+fn republish_views(
+    reader: &Reader,
+    topics: &Topics,
+    since: Millis,
+    publisher: &mpsc::UnboundedSender<PubIn>,
+) -> rusqlite::Result<Option<usize>> {
+    let mut after = String::new();
+    let mut total = 0usize;
+    // Marks of the pages queued and not yet reached by the publisher.
+    let mut marks = std::collections::VecDeque::<oneshot::Receiver<()>>::new();
+    loop {
+        while marks.len() >= REPUBLISH_PAGES_QUEUED {
+            let Some(m) = marks.pop_front() else { break };
+            if m.blocking_recv().is_err() {
+                return Ok(None);
+            }
+        }
+        let page = reader.views_page(since, &after, REPUBLISH_PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        after = last.clone();
+        total += page.len();
+        for (id, view) in page {
+            let m = OutMsg {
+                topic: topics.call_state(&id),
+                payload: view.into_bytes(),
+                retain: true,
+                expiry_s: None,
+            };
+            if publisher.send(PubIn::Raw(m)).is_err() {
+                return Ok(None);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        if publisher.send(PubIn::Mark(tx)).is_err() {
+            return Ok(None);
+        }
+        marks.push_back(rx);
+    }
+    Ok(Some(total))
+}
+
 /// The retained `daemon/state` message.
 pub fn daemon_state(topic: &str, state: DaemonStatus, admission: Option<&str>) -> OutMsg {
     OutMsg {
@@ -798,46 +844,14 @@ impl DispatchLoop {
                     return;
                 }
             };
-            let mut after = String::new();
-            let mut total = 0usize;
-            // Marks of the pages queued and not yet reached by the publisher.
-            let mut marks = std::collections::VecDeque::<oneshot::Receiver<()>>::new();
-            loop {
-                while marks.len() >= REPUBLISH_PAGES_QUEUED {
-                    let Some(m) = marks.pop_front() else { break };
-                    if m.blocking_recv().is_err() {
-                        // The publisher stopped (shutdown).
-                        return;
-                    }
+            match republish_views(&reader, &topics, since, &publisher) {
+                Ok(Some(total)) => {
+                    tracing::info!(calls = total, jobs = n_mem, "retained state republished");
                 }
-                let page = match reader.views_page(since, &after, REPUBLISH_PAGE) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "republish: read failed");
-                        return;
-                    }
-                };
-                let Some((last, _)) = page.last() else { break };
-                after = last.clone();
-                total += page.len();
-                for (id, view) in page {
-                    let m = OutMsg {
-                        topic: topics.call_state(&id),
-                        payload: view.into_bytes(),
-                        retain: true,
-                        expiry_s: None,
-                    };
-                    if publisher.send(PubIn::Raw(m)).is_err() {
-                        return;
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                if publisher.send(PubIn::Mark(tx)).is_err() {
-                    return;
-                }
-                marks.push_back(rx);
+                // The publisher stopped (shutdown).
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "republish: read failed"),
             }
-            tracing::info!(calls = total, jobs = n_mem, "retained state republished");
         });
     }
 
@@ -1103,5 +1117,65 @@ impl DispatchLoop {
                 )));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The republishing queues at most two pages ahead of the publisher: while the two
+    /// newest marks are unanswered, nothing more arrives; every stored call arrives once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn republishing_waits_for_the_publisher_two_pages_ahead() {
+        const CALLS: usize = 2_200;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        let conn = store::open(&path).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        for i in 0..CALLS {
+            conn.execute(
+                "INSERT INTO calls (id, request_id, status, tel, kiosk_id, created_at, updated_at, view, body)
+                 VALUES (?1, ?2, 'completed', '010', NULL, 5, 5, '{}', '{}')",
+                [format!("c{i:06}"), format!("r{i}")],
+            )
+            .unwrap();
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        let topics = Topics::new("t").unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let producer = {
+            let topics = topics.clone();
+            tokio::task::spawn_blocking(move || {
+                let reader = Reader::open(&path).unwrap();
+                republish_views(&reader, &topics, 0, &tx)
+            })
+        };
+        let mut held = std::collections::VecDeque::new();
+        let mut topics_seen = std::collections::HashSet::new();
+        loop {
+            if held.len() == REPUBLISH_PAGES_QUEUED {
+                // The producer must be waiting now: nothing may arrive until a mark is
+                // answered (a bounded look; the producer never gets past its wait).
+                match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+                    Err(_) | Ok(None) => {}
+                    Ok(Some(PubIn::Raw(m))) => {
+                        panic!("{} queued with two pages unanswered", m.topic)
+                    }
+                    Ok(Some(other)) => panic!("unexpected {other:?}"),
+                }
+                let t: oneshot::Sender<()> = held.pop_front().unwrap();
+                t.send(()).unwrap();
+            }
+            match rx.recv().await {
+                Some(PubIn::Raw(m)) => assert!(topics_seen.insert(m.topic)),
+                Some(PubIn::Mark(t)) => held.push_back(t),
+                Some(other) => panic!("unexpected {other:?}"),
+                None => break,
+            }
+        }
+        assert_eq!(producer.await.unwrap().unwrap(), Some(CALLS));
+        assert_eq!(topics_seen.len(), CALLS);
+        assert!(topics_seen.contains(&topics.call_state("c002199")));
     }
 }
