@@ -134,11 +134,11 @@ struct Args {
     /// Everything: load run, micro, memory, start-up.
     #[arg(long)]
     all: bool,
-    /// Turn off SQLite's allocation statistics (a global mutex around every allocation)
-    /// in this process before anything opens a database: what
-    /// `SQLITE_DEFAULT_MEMSTATUS=0` at build time would give the daemon.
+    /// Keep SQLite's allocation statistics on (a global mutex around every allocation),
+    /// as the daemon had them before it turned them off (`store::configure_sqlite`):
+    /// what that setting gains, in one binary.
     #[arg(long)]
-    sqlite_no_memstatus: bool,
+    sqlite_memstatus: bool,
     #[command(subcommand)]
     child: Option<ChildCmd>,
 }
@@ -172,15 +172,20 @@ fn main() {
         }
         return;
     }
-    if args.sqlite_no_memstatus {
+    if args.sqlite_memstatus {
         // SAFETY: called once, before any SQLite connection exists in this process;
-        // SQLITE_CONFIG_MEMSTATUS takes one int argument.
+        // SQLITE_CONFIG_MEMSTATUS takes one int argument. Initialising SQLite right after
+        // fixes the setting, so the daemon's own configure_sqlite() leaves it alone.
         let rc = unsafe {
-            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as libc::c_int)
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 1 as libc::c_int);
+            rusqlite::ffi::sqlite3_initialize()
         };
         if rc != rusqlite::ffi::SQLITE_OK {
-            eprintln!("pickup-bench: SQLITE_CONFIG_MEMSTATUS refused ({rc})");
+            eprintln!("pickup-bench: sqlite3_initialize failed ({rc})");
         }
+    } else {
+        // As the daemon runs: before the SQLite baseline opens the first connection.
+        pickupd::store::configure_sqlite();
     }
     if let Err(e) = run(args) {
         eprintln!("pickup-bench: {e:#}");

@@ -48,6 +48,10 @@ pub enum PubIn {
     SessionLost,
     /// Answer with the number of outbox rows not yet acknowledged.
     Backlog(oneshot::Sender<usize>),
+    /// Fire once everything queued before it has been handed to the client: bulk senders
+    /// (the republishing of retained state) wait on it so that the unbounded input holds
+    /// at most a page or two of theirs, not the whole database.
+    Mark(oneshot::Sender<()>),
     /// Stop now (shutdown); what is unacknowledged stays unsent in the database.
     Stop,
 }
@@ -65,6 +69,9 @@ pub struct PublisherStats {
     pub unacked: AtomicU64,
     /// Messages published.
     pub published: AtomicU64,
+    /// The most messages seen waiting in the publisher's input at once (memory: the
+    /// input is unbounded, so bulk senders pace themselves with [`PubIn::Mark`]).
+    pub queued_peak: AtomicU64,
 }
 
 /// Runs the publisher until its input closes. `unsent` are outbox rows left from before
@@ -103,6 +110,9 @@ pub async fn run(
                 continue;
             }
         };
+        p.stats
+            .queued_peak
+            .fetch_max(rx.len() as u64 + 1, Ordering::Relaxed);
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             if matches!(msg, PubIn::Stop) {
@@ -250,6 +260,9 @@ impl Publisher {
             }
             PubIn::Backlog(tx) => {
                 let _ = tx.send(self.unacked.len());
+            }
+            PubIn::Mark(tx) => {
+                let _ = tx.send(());
             }
             PubIn::Stop => {}
         }
