@@ -105,6 +105,13 @@ pub struct StoreConfig {
     /// Finished calls older than this are deleted (with their events) and their retained
     /// state topics cleared, days; 0 keeps everything.
     pub retention_days: u32,
+    /// A finished call's retained state topic is cleared this many hours after it
+    /// finished (the call stays readable with `calls/<id>/get` until `retention_days`);
+    /// 0 keeps it as long as the call is stored. Keeps the broker's retained store, and
+    /// the republishing after a start, to live and recent calls.
+    pub state_hours: u32,
+    /// How often retention and the retained-state sweep run, seconds.
+    pub sweep_interval_s: u32,
 }
 
 impl Default for StoreConfig {
@@ -114,6 +121,8 @@ impl Default for StoreConfig {
             queue: 1024,
             max_batch: 256,
             retention_days: 30,
+            state_hours: 24,
+            sweep_interval_s: 600,
         }
     }
 }
@@ -364,6 +373,9 @@ impl Config {
                 "must be at most 58 characters with mqtt.read_link on (the read connection adds \".reads\")",
             ));
         }
+        if self.store.sweep_interval_s == 0 {
+            return Err(invalid("store.sweep_interval_s", "must be at least 1"));
+        }
         if self.mqtt.keep_alive_s == 0 {
             return Err(invalid(
                 "mqtt.keep_alive_s",
@@ -450,6 +462,9 @@ impl Config {
         }
         if self.store.queue != new.store.queue || self.store.max_batch != new.store.max_batch {
             v.push("store.queue/store.max_batch");
+        }
+        if self.store.sweep_interval_s != new.store.sweep_interval_s {
+            v.push("store.sweep_interval_s");
         }
         if serde_json::to_value(&self.mqtt).ok() != serde_json::to_value(&new.mqtt).ok() {
             v.push("mqtt");

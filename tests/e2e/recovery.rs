@@ -75,7 +75,9 @@ async fn retained_state_is_republished_after_a_restart_and_backup_works_live() {
 async fn republishing_many_stored_calls_is_paced() {
     const CALLS: usize = 20_000;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config(dir.path());
+    let mut cfg = test_config(dir.path());
+    // The calls finished a day ago: within a two-day retained-state window.
+    cfg.store.state_hours = 48;
     let db = cfg.store.path.clone();
     {
         let conn = pickupd::store::open(&db).unwrap();
@@ -183,5 +185,77 @@ async fn repeats_of_forgotten_calls_are_found_with_the_request_filter() {
     let b3 = kiosk.create(kiosk.call_body("new-1")).await;
     assert_eq!(b3["call"]["call_id"], b["call"]["call_id"], "{b3}");
     assert_eq!(b3["duplicate"], true);
+    d.shutdown(DEADLINE).await.unwrap();
+}
+
+/// A finished call's retained state is cleared `store.state_hours` after it finished
+/// (through the outbox, by the periodic sweep), and is not republished after a restart;
+/// `get` still answers from the database. Live calls keep their state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_state_of_old_finished_calls_is_cleared_and_not_republished() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.store.state_hours = 1;
+    cfg.store.sweep_interval_s = 1;
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg.clone()).await;
+    let started = pickupd::store::now_ms();
+    let topics = Topics::new("test").unwrap();
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "k1", Version::V4).await;
+    let old = kiosk.create(kiosk.call_body("old")).await["call"]["call_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let live = kiosk.create(kiosk.call_body("live")).await["call"]["call_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(kiosk.cancel(&old).await["call"]["status"], "cancelled");
+    let (seen, _w) = watch(d.broker_addr, vec![topics.call_state_filter()]).await;
+    wait_until("the cancelled state retained", || async {
+        seen.last_json(&topics.call_state(&old))
+            .is_some_and(|v| v["status"] == "cancelled")
+    })
+    .await;
+
+    // An hour passes for the cancelled call (its row says so; not earlier than the
+    // daemon's start minus the window, which the sweep starts from).
+    let an_hour_ago = started - 3_600_000;
+    let rw = rusqlite::Connection::open(&db).unwrap();
+    rw.busy_timeout(DEADLINE).unwrap();
+    rw.execute(
+        "UPDATE calls SET updated_at = ?1 WHERE id = ?2",
+        rusqlite::params![an_hour_ago, old],
+    )
+    .unwrap();
+    wait_until("the old call's retained state cleared", || async {
+        seen.on(&topics.call_state(&old))
+            .last()
+            .is_some_and(|m| m.payload.is_empty())
+    })
+    .await;
+    assert!(
+        seen.on(&topics.call_state(&live))
+            .iter()
+            .all(|m| !m.payload.is_empty()),
+        "a live call's state was cleared"
+    );
+    assert_eq!(kiosk.get(&old).await["call"]["status"], "cancelled");
+    drop(kiosk);
+    d.shutdown(DEADLINE).await.unwrap();
+
+    // After a restart (a fresh embedded broker) only the live call is republished.
+    let d = start_daemon(cfg).await;
+    let (seen, _w) = watch(d.broker_addr, vec![topics.call_state_filter()]).await;
+    wait_until("the live call's state republished", || async {
+        seen.last_json(&topics.call_state(&live))
+            .is_some_and(|v| v["status"] == "dispatching")
+    })
+    .await;
+    // Ids are time-ordered and republished in id order: the old call would have come first.
+    assert!(seen.on(&topics.call_state(&old)).is_empty());
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "k1", Version::V4).await;
+    assert_eq!(kiosk.get(&old).await["call"]["status"], "cancelled");
+    drop(kiosk);
     d.shutdown(DEADLINE).await.unwrap();
 }

@@ -489,6 +489,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         stall_file: std::env::var_os("PICKUPD_TEST_STALL_FILE").map(PathBuf::from),
         db: path.clone(),
         retention_days: cfg.store.retention_days,
+        state_hours: cfg.store.state_hours,
+        states_cleared_until: now.saturating_sub(i64::from(cfg.store.state_hours) * 3_600_000),
+        sweep: None,
+        sweep_every: Duration::from_secs(u64::from(cfg.store.sweep_interval_s.max(1))),
         metrics: metrics.clone(),
         requests: None,
         requests_meanwhile: None,
@@ -603,10 +607,19 @@ fn republish_views(
     reader: &Reader,
     topics: &Topics,
     since: Millis,
+    windowed: bool,
     publisher: &mpsc::UnboundedSender<PubIn>,
 ) -> rusqlite::Result<Option<usize>> {
     let mut after = String::new();
     let mut total = 0usize;
+    // With a retained-state window, the calls in it are found through the indexes (a
+    // short list) instead of walking the whole table.
+    let ids = if windowed {
+        Some(reader.window_ids(since)?)
+    } else {
+        None
+    };
+    let mut chunks = ids.as_deref().map(|ids| ids.chunks(REPUBLISH_PAGE));
     // Marks of the pages queued and not yet reached by the publisher.
     let mut marks = std::collections::VecDeque::<oneshot::Receiver<()>>::new();
     loop {
@@ -616,8 +629,25 @@ fn republish_views(
                 return Ok(None);
             }
         }
-        let page = reader.views_page(since, &after, REPUBLISH_PAGE)?;
-        let Some((last, _)) = page.last() else { break };
+        let page = match chunks.as_mut() {
+            Some(chunks) => {
+                let Some(chunk) = chunks.next() else { break };
+                let mut page = Vec::with_capacity(chunk.len());
+                for id in chunk {
+                    if let Some(view) = reader.view(id)? {
+                        page.push((id.clone(), view));
+                    }
+                }
+                page
+            }
+            None => reader.views_page(since, &after, REPUBLISH_PAGE)?,
+        };
+        let Some((last, _)) = page.last() else {
+            if chunks.is_some() {
+                continue;
+            }
+            break;
+        };
         after = last.clone();
         total += page.len();
         for (id, view) in page {
@@ -656,7 +686,6 @@ pub fn daemon_state(topic: &str, state: DaemonStatus, admission: Option<&str>) -
     }
 }
 
-/// Answers status reads from the read-only connection.
 /// The reader thread: answers status reads from the database; `answer` sends an answer
 /// out (false once nobody takes them).
 fn serve_reads(
@@ -718,6 +747,15 @@ struct DispatchLoop {
     db: PathBuf,
     /// Retention of finished calls, days (0: keep).
     retention_days: u32,
+    /// Retained state of finished calls, hours (0: as long as stored).
+    state_hours: u32,
+    /// Finished calls last changed before this have had their retained state cleared
+    /// (or were never republished since the start).
+    states_cleared_until: Millis,
+    /// The running retained-state sweep, if any.
+    sweep: Option<tokio::task::JoinHandle<()>>,
+    /// How often retention and the sweep run.
+    sweep_every: Duration,
     /// Event counters and the assignment latency histogram.
     metrics: Arc<crate::metrics::Metrics>,
     /// Request ids the database may hold, once built: a create whose request id is
@@ -732,10 +770,11 @@ impl DispatchLoop {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut shutdown: oneshot::Receiver<()>) {
         let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Retention runs a minute after start, then every ten minutes, in small batches.
+        // Retention and the retained-state sweep run one interval after start (at most a
+        // minute), then every interval (`store.sweep_interval_s`), in small batches.
         let mut retention = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_secs(60),
-            Duration::from_secs(600),
+            tokio::time::Instant::now() + self.sweep_every.min(Duration::from_secs(60)),
+            self.sweep_every,
         );
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Recovery: timers were restored with their stored times; catch up at once.
@@ -775,7 +814,10 @@ impl DispatchLoop {
                     let d = self.core.tick(now_ms());
                     self.submit(d, None).await;
                 }
-                _ = retention.tick() => self.prune().await,
+                _ = retention.tick() => {
+                    self.prune().await;
+                    self.sweep_states(now_ms());
+                }
                 built = async { building.as_mut().expect("precondition").await }, if building.is_some() => {
                     building = None;
                     self.request_filter_built(built);
@@ -887,6 +929,79 @@ impl DispatchLoop {
         }
     }
 
+    /// Clears the retained state topics of calls that finished more than `state_hours`
+    /// ago since the last sweep: empty retained messages through the outbox (so a
+    /// restart does not lose them), a page per transaction, on a task of its own.
+    fn sweep_states(&mut self, now: Millis) {
+        if self.state_hours == 0 {
+            return;
+        }
+        if self.sweep.as_ref().is_some_and(|h| !h.is_finished()) {
+            return; // The previous sweep is still at it; the next tick continues.
+        }
+        let before = now.saturating_sub(i64::from(self.state_hours) * 3_600_000);
+        let from = self.states_cleared_until;
+        if before <= from {
+            return;
+        }
+        self.states_cleared_until = before;
+        let (db, topics, writer) = (self.db.clone(), self.topics.clone(), self.writer.clone());
+        self.sweep = Some(tokio::spawn(async move {
+            let mut reader = match tokio::task::spawn_blocking(move || Reader::open(&db)).await {
+                Ok(Ok(r)) => r,
+                _ => {
+                    tracing::error!("retained-state sweep: cannot open the database");
+                    return;
+                }
+            };
+            let mut cursor = (from, String::new());
+            let mut total = 0usize;
+            loop {
+                let c = cursor.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let page = reader.finished_before((c.0, &c.1), before, 500);
+                    (reader, page)
+                })
+                .await;
+                let page = match res {
+                    Ok((r, Ok(page))) => {
+                        reader = r;
+                        page
+                    }
+                    Ok((_, Err(e))) => {
+                        tracing::error!(error = %e, "retained-state sweep: read failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let Some(last) = page.last() else { break };
+                cursor = last.clone();
+                total += page.len();
+                let changes = page
+                    .iter()
+                    .map(|(_, id)| {
+                        crate::dispatch::Change::Outbox(OutMsg {
+                            topic: topics.call_state(id),
+                            payload: Vec::new(),
+                            retain: true,
+                            expiry_s: None,
+                        })
+                    })
+                    .collect();
+                let job = WriteJob {
+                    op: Op::Apply(changes),
+                    after: None,
+                };
+                if writer.send(job).await.is_err() {
+                    return;
+                }
+            }
+            if total > 0 {
+                tracing::info!(calls = total, "retained state of finished calls cleared");
+            }
+        }));
+    }
+
     /// Publishes the retained state again: courier jobs from memory, call views from the
     /// database (live calls and those within the retention period), page by page on a
     /// blocking thread so the loop is not held up. Paced: a page is queued only once the
@@ -907,6 +1022,12 @@ impl DispatchLoop {
         } else {
             now.saturating_sub(i64::from(self.retention_days) * 86_400_000)
         };
+        let windowed = self.state_hours > 0;
+        let since = if windowed {
+            since.max(now.saturating_sub(i64::from(self.state_hours) * 3_600_000))
+        } else {
+            since
+        };
         tokio::task::spawn_blocking(move || {
             let reader = match Reader::open(&db) {
                 Ok(r) => r,
@@ -915,7 +1036,7 @@ impl DispatchLoop {
                     return;
                 }
             };
-            match republish_views(&reader, &topics, since, &publisher) {
+            match republish_views(&reader, &topics, since, windowed, &publisher) {
                 Ok(Some(total)) => {
                     tracing::info!(calls = total, jobs = n_mem, "retained state republished");
                 }
@@ -1215,6 +1336,7 @@ impl DispatchLoop {
                 self.tariff = cfg.tariff.clone();
                 self.heavy_kg = cfg.dispatch.heavy_kg;
                 self.retention_days = cfg.store.retention_days;
+                self.state_hours = cfg.store.state_hours;
                 tracing::info!(
                     radius_m = cfg.dispatch.radius_m,
                     mode = ?cfg.dispatch.mode,
@@ -1241,6 +1363,16 @@ mod tests {
     /// newest marks are unanswered, nothing more arrives; every stored call arrives once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn republishing_waits_for_the_publisher_two_pages_ahead() {
+        pacing(false).await;
+    }
+
+    /// The same through the retained-state window's index path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn windowed_republishing_waits_for_the_publisher_two_pages_ahead() {
+        pacing(true).await;
+    }
+
+    async fn pacing(windowed: bool) {
         const CALLS: usize = 2_200;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.db");
@@ -1261,7 +1393,7 @@ mod tests {
             let topics = topics.clone();
             tokio::task::spawn_blocking(move || {
                 let reader = Reader::open(&path).unwrap();
-                republish_views(&reader, &topics, 0, &tx)
+                republish_views(&reader, &topics, 0, windowed, &tx)
             })
         };
         let mut held = std::collections::VecDeque::new();

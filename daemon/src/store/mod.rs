@@ -891,6 +891,49 @@ impl Reader {
             .collect()
     }
 
+    /// Ids of the calls whose state is retained: live ones and those changed since
+    /// `since`, in id order. Uses the `calls_live` and `calls_updated` indexes, so the
+    /// cost follows the number of such calls, not the size of the table.
+    pub fn window_ids(&self, since: Millis) -> rusqlite::Result<Vec<String>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id FROM calls WHERE status NOT IN ('completed', 'cancelled', 'failed')
+                 UNION SELECT id FROM calls WHERE updated_at >= ?1 ORDER BY 1",
+            )?
+            .query_map([since], |r| r.get(0))?
+            .collect()
+    }
+
+    /// The stored view of call `id`.
+    pub fn view(&self, id: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT view FROM calls WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()
+    }
+
+    /// Finished calls last changed in `[cursor.0, before)`, after `cursor` in
+    /// `(updated_at, id)` order, at most `limit`: the calls whose retained state leaves
+    /// the window, page by page.
+    pub fn finished_before(
+        &self,
+        cursor: (Millis, &str),
+        before: Millis,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<(Millis, String)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT updated_at, id FROM calls
+                 WHERE updated_at >= ?1 AND updated_at < ?3 AND (updated_at, id) > (?1, ?2)
+                   AND status IN ('completed', 'cancelled', 'failed')
+                 ORDER BY updated_at, id LIMIT ?4",
+            )?
+            .query_map(params![cursor.0, cursor.1, before, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect()
+    }
+
     /// The underlying connection (operator queries).
     pub fn conn(&self) -> &Connection {
         &self.conn
