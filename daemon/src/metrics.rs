@@ -39,6 +39,8 @@ pub struct Metrics {
     pub outbox_backlog: Gauge,
     /// 1 when connected to the broker.
     pub broker_connected: Gauge,
+    /// 1 when the status-read connection is up.
+    pub reads_connected: Gauge,
     /// Call admission breaker: 0 closed, 1 open, 2 half-open.
     pub admission_state: Gauge,
     /// Creates refused with `busy`.
@@ -77,6 +79,7 @@ impl Metrics {
             couriers_online: Gauge::default(),
             outbox_backlog: Gauge::default(),
             broker_connected: Gauge::default(),
+            reads_connected: Gauge::default(),
             admission_state: Gauge::default(),
             shed_total: Counter::default(),
             rejected_total: Counter::default(),
@@ -115,6 +118,11 @@ impl Metrics {
             m.broker_connected.clone(),
         );
         registry.register(
+            "reads_connected",
+            "1 when the status-read connection is up",
+            m.reads_connected.clone(),
+        );
+        registry.register(
             "admission_state",
             "Call admission breaker: 0 closed, 1 open, 2 half-open",
             m.admission_state.clone(),
@@ -144,6 +152,8 @@ impl Metrics {
             .set(live.publisher.unacked.load(Ordering::Relaxed) as i64);
         self.broker_connected
             .set(i64::from(live.mqtt.connected.load(Ordering::Relaxed)));
+        self.reads_connected
+            .set(i64::from(live.mqtt.reads_connected.load(Ordering::Relaxed)));
         // Refusals by admission and by the per-kiosk open-call limit.
         let shed = live.mqtt.shed.load(Ordering::Relaxed)
             + live.stats.open_limited.load(Ordering::Relaxed);

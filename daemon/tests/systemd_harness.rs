@@ -149,6 +149,7 @@ fn ready_status_watchdog_and_stop() {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("broker accepts after READY");
     sd.wait_for("STATUS=calls dispatching: 0, couriers online: 0, outbox backlog: ");
+    sd.wait_for("broker: connected, status reads: connected");
 
     // WATCHDOG_USEC = 1 s → pings every 0.5 s.
     let first = sd.wait_for("WATCHDOG=1");

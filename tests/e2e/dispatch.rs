@@ -291,6 +291,7 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
             && m.contains("pickupd_couriers_online 1")
             && m.contains("pickupd_assignment_latency_seconds_count 1")
             && m.contains("pickupd_broker_connected 1")
+            && m.contains("pickupd_reads_connected 1")
             && m.contains("pickupd_store_commit_seconds_count")
     })
     .await;

@@ -142,20 +142,26 @@ async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let stats = running.stats.clone();
         let mqtt = running.mqtt.clone();
         let publisher = running.publisher_stats.clone();
+        let read_link = running.config().mqtt.read_link;
         tokio::spawn(async move {
             let mut last = String::new();
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
+                let up = |b: bool| if b { "connected" } else { "disconnected" };
                 let line = format!(
-                    "calls dispatching: {}, couriers online: {}, outbox backlog: {}, broker: {}",
+                    "calls dispatching: {}, couriers online: {}, outbox backlog: {}, broker: {}{}",
                     stats.dispatching.load(Ordering::Relaxed),
                     stats.couriers_online.load(Ordering::Relaxed),
                     publisher.unacked.load(Ordering::Relaxed),
-                    if mqtt.connected.load(Ordering::Relaxed) {
-                        "connected"
+                    up(mqtt.connected.load(Ordering::Relaxed)),
+                    if read_link {
+                        format!(
+                            ", status reads: {}",
+                            up(mqtt.reads_connected.load(Ordering::Relaxed))
+                        )
                     } else {
-                        "disconnected"
+                        String::new()
                     },
                 );
                 if line != last {
