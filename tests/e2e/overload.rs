@@ -142,6 +142,15 @@ async fn status_reads_are_answered_while_the_main_connection_is_blocked() {
         std::net::TcpStream::connect(addr).is_ok()
     })
     .await;
+    // Requests sent before the daemon has subscribed would be dropped by the broker.
+    let topics = Topics::new("test").unwrap();
+    let (state, _w) = watch(addr, vec![topics.daemon_state()]).await;
+    wait_until("the daemon ready", || async {
+        state
+            .last_json(&topics.daemon_state())
+            .is_some_and(|v| v["state"] == "ready")
+    })
+    .await;
     let kiosk = Kiosk::connect(addr, "test", "k1", Version::V4).await;
     let created = kiosk.create(kiosk.call_body("before")).await;
     assert_eq!(created["ok"], true, "{created}");
@@ -159,7 +168,6 @@ async fn status_reads_are_answered_while_the_main_connection_is_blocked() {
     .await;
     // A create now waits for the loop; courier reports fill the loop's queue (2048) and
     // then block the task that reads the main connection.
-    let topics = Topics::new("test").unwrap();
     let pending_create = {
         let req = kiosk.req.clone();
         let (t, body) = (topics.calls_create(), kiosk.call_body("during"));
