@@ -189,24 +189,48 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
             Err(e) => {
                 let was = ctx.state.connected.swap(false, Ordering::Relaxed);
                 ctx.state.subscribed.store(false, Ordering::Relaxed);
-                if e.to_string().contains("Requests done") {
+                if !wait_to_reconnect(
+                    &e,
+                    was,
+                    &mut backoff,
+                    &mut ctx.stop,
+                    "broker connection",
+                    true,
+                )
+                .await
+                {
                     return;
-                }
-                if *ctx.stop.borrow() {
-                    return;
-                }
-                let wait = backoff.next_delay();
-                if was {
-                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
-                } else {
-                    tracing::debug!(error = %e, ?wait, "broker not reachable; retrying");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = ctx.stop.wait_for(|s| *s) => return,
                 }
             }
         }
+    }
+}
+
+/// After a connection error: logs it and waits the backoff's next delay. False when the
+/// task must end instead (the client was closed, or the daemon is stopping). With
+/// `quiet_retries`, failed attempts before a first connection are logged at debug only.
+pub(super) async fn wait_to_reconnect(
+    e: &pickup_protocol::client::LinkError,
+    was_connected: bool,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    quiet_retries: bool,
+) -> bool {
+    if e.to_string().contains("Requests done") || *stop.borrow() {
+        return false;
+    }
+    let wait = backoff.next_delay();
+    if was_connected {
+        tracing::warn!(error = %e, "{what} lost; reconnecting");
+    } else if quiet_retries {
+        tracing::debug!(error = %e, ?wait, "{what}: broker not reachable; retrying");
+    } else {
+        tracing::warn!(error = %e, ?wait, "{what} refused or broker not reachable; retrying");
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = stop.wait_for(|s| *s) => false,
     }
 }
 

@@ -13,7 +13,7 @@ use pickup_protocol::client::{Backoff, Link, LinkEvent, LinkEvents, PublishProps
 use pickup_protocol::{ErrorBody, GetCall, Inbound, Topics};
 use tokio::sync::{mpsc, watch};
 
-use super::inbound::{confined_reply_path, GetRequest, MqttState};
+use super::inbound::{confined_reply_path, wait_to_reconnect, GetRequest, MqttState};
 use super::publisher::Reply;
 use crate::dispatch::ReplyBody;
 
@@ -148,18 +148,17 @@ pub async fn run(mut events: LinkEvents, ctx: ReadsCtx) {
             Err(e) => {
                 let was = ctx.state.reads_connected.swap(false, Ordering::Relaxed);
                 ctx.state.reads_subscribed.store(false, Ordering::Relaxed);
-                if e.to_string().contains("Requests done") || *ctx.stop.borrow() {
+                if !wait_to_reconnect(
+                    &e,
+                    was,
+                    &mut backoff,
+                    &mut stop,
+                    "status-read connection",
+                    false,
+                )
+                .await
+                {
                     return;
-                }
-                let wait = backoff.next_delay();
-                if was {
-                    tracing::warn!(error = %e, "status-read connection lost; reconnecting");
-                } else {
-                    tracing::warn!(error = %e, ?wait, "status-read connection refused or broker not reachable; retrying");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => return,
                 }
             }
         }
