@@ -11,7 +11,7 @@ use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::time::Instant;
 
@@ -58,17 +58,72 @@ pub struct DataLog {
     pub native: Slab<Data<PublishData>>,
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
-    retained_publishes: HashMap<Topic, PublishData>,
+    /// pickupd patch: a B-tree, not a hash map. With one retained state per call the map
+    /// holds 100k+ topics on a busy site, and a hash map doubling at that size rehashed
+    /// every topic at once on the router thread: a 50-100 ms stall of the whole broker.
+    /// A B-tree grows a node at a time.
+    retained_publishes: BTreeMap<Topic, PublishData>,
     /// List of filters associated with a topic
-    publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    publish_filters: TopicFilterCache,
+}
+
+/// pickupd patch: the topic → matching filters cache, bounded.
+///
+/// Upstream keeps an entry for every distinct topic ever published that some filter
+/// matched, for the life of the broker: with one topic per call (`calls/<id>/state` under
+/// a `calls/+/state` subscriber) that is memory growing without end, periodic rehash
+/// stalls, and a walk over every entry whenever a new filter appears. Two generations:
+/// entries go into `current`; when it is full it becomes `previous` (the older one is
+/// dropped); a hit in `previous` moves back into `current`. Topics still published stay;
+/// a dropped one is recomputed from the filters on its next publish, as for a new topic.
+struct TopicFilterCache {
+    current: HashMap<Topic, Vec<FilterIdx>>,
+    previous: HashMap<Topic, Vec<FilterIdx>>,
+}
+
+impl TopicFilterCache {
+    /// Entries per generation: at most twice this many topics are cached.
+    const GENERATION: usize = 32 * 1024;
+
+    fn new() -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, topic: &str) -> Option<Vec<FilterIdx>> {
+        if let Some(v) = self.current.get(topic) {
+            return Some(v.clone());
+        }
+        let (topic, v) = self.previous.remove_entry(topic)?;
+        self.insert(topic, v.clone());
+        Some(v)
+    }
+
+    fn insert(&mut self, topic: Topic, filters: Vec<FilterIdx>) {
+        if self.current.len() >= Self::GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(topic, filters);
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&Topic, &mut Vec<FilterIdx>)> {
+        self.current.iter_mut().chain(self.previous.iter_mut())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
 }
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
-        let retained_publishes = HashMap::new();
-        let publish_filters = HashMap::new();
+        let retained_publishes = BTreeMap::new();
+        let publish_filters = TopicFilterCache::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -125,8 +180,8 @@ impl DataLog {
     // TODO: Currently returning a Option<Vec> instead of Option<&Vec> due to Rust borrow checker
     // limitation
     pub fn matches(&mut self, topic: &str) -> Option<Vec<usize>> {
-        match &self.publish_filters.get(topic) {
-            Some(v) => Some(v.to_vec()),
+        match self.publish_filters.get(topic) {
+            Some(v) => Some(v),
             None => {
                 let v: Vec<usize> = self
                     .filter_indexes
@@ -434,7 +489,7 @@ impl AckLog {
 
 #[cfg(test)]
 mod test {
-    use super::DataLog;
+    use super::{DataLog, TopicFilterCache};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
@@ -475,6 +530,39 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    // pickupd patch: the cache stays bounded, and what it answers (cached, dropped and
+    // recomputed, or moved back from the older generation) is what the filters say.
+    #[test]
+    fn publish_filters_cache_is_bounded_and_answers_like_the_filters() {
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (all, _) = data.next_native_offset("calls/+/state");
+        let (hot, _) = data.next_native_offset("couriers/c1/position");
+        let n = 5 * TopicFilterCache::GENERATION;
+        for i in 0..n {
+            assert_eq!(data.matches(&format!("calls/{i}/state")), Some(vec![all]));
+            assert_eq!(data.matches("couriers/c1/position"), Some(vec![hot]));
+            assert!(data.publish_filters.len() <= 2 * TopicFilterCache::GENERATION);
+        }
+        // The hot topic survived every generation change; old topics are recomputed.
+        assert!(data.publish_filters.current.contains_key("couriers/c1/position"));
+        assert_eq!(data.matches("calls/0/state"), Some(vec![all]));
+        // A new filter still reaches cached topics of both generations.
+        let (late, _) = data.next_native_offset("calls/#");
+        let last = format!("calls/{}/state", n - 1);
+        let mut got = data.matches(&last).unwrap();
+        got.sort();
+        assert_eq!(got, vec![all, late]);
     }
 
     //     #[test]

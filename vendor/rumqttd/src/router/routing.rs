@@ -12,6 +12,7 @@ use crate::*;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
+use bytes::Bytes;
 use std::str::Utf8Error;
 use std::thread;
 use std::time::SystemTime;
@@ -1214,6 +1215,7 @@ fn append_to_commitlog(
         validate_and_set_topic_alias(&mut publish, connection, alias)?;
     };
 
+    detach_from_read_buffer(&mut publish, &mut properties);
     let topic = std::str::from_utf8(&publish.topic)?;
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
@@ -1267,9 +1269,24 @@ fn append_to_commitlog(
     Ok(o)
 }
 
+/// pickupd patch: a decoded publish's topic, payload and correlation data are views into
+/// the publishing connection's read buffer, so storing it (in a commitlog or as a retained
+/// message) keeps that whole buffer block (about 10 KiB) alive for as long as the message
+/// is stored, while segment limits count only the message's own bytes. A message that
+/// outlives its neighbours, such as a retained state, then costs a block instead of its
+/// size. Copying the few bytes once when the message is stored ends that.
+/// (Upstream report: bytebeamio/rumqtt#1001.)
+fn detach_from_read_buffer(publish: &mut Publish, properties: &mut Option<PublishProperties>) {
+    publish.topic = Bytes::copy_from_slice(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
+    if let Some(c) = properties.as_mut().and_then(|p| p.correlation_data.as_mut()) {
+        *c = Bytes::copy_from_slice(c);
+    }
+}
+
 fn append_will_message(
     mut publish: Publish,
-    properties: Option<PublishProperties>,
+    mut properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
@@ -1285,6 +1302,7 @@ fn append_will_message(
         ));
     }
 
+    detach_from_read_buffer(&mut publish, &mut properties);
     let topic = std::str::from_utf8(&publish.topic)?;
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
