@@ -61,6 +61,11 @@ enum Slot {
 /// What kiosks, couriers and the watcher share.
 #[derive(Default)]
 struct Shared {
+    /// Whether couriers will ask for pickup codes (they finish their jobs). When they keep
+    /// their first job nobody asks, and a map of every call's code would only grow: its
+    /// rehashing under the lock stalled every kiosk task for 100+ ms once past 114 688
+    /// calls, which the run then reported as the daemon's latency.
+    keep_codes: bool,
     codes: Mutex<HashMap<String, Slot>>,
     /// Call id → when its create request was sent (measured calls only).
     created: Mutex<HashMap<String, Instant>>,
@@ -76,6 +81,9 @@ struct Shared {
 
 impl Shared {
     fn code_known(&self, call_id: &str, code: String) {
+        if !self.keep_codes {
+            return;
+        }
         let mut m = self.codes.lock().unwrap_or_else(|e| e.into_inner());
         match m.remove(call_id) {
             Some(Slot::Waiting(tx)) => {
@@ -215,7 +223,10 @@ impl Rig {
         online: impl Fn() -> u64,
     ) -> anyhow::Result<Self> {
         let topics = Topics::new(&o.site)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            keep_codes: o.finish_jobs,
+            ..Shared::default()
+        });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let seed: u64 = rand::rng().random();

@@ -349,14 +349,13 @@ pub struct IncomingMeter {
 }
 
 impl IncomingMeter {
+    /// pickupd patch: counts totals only. Upstream also kept a count per distinct topic
+    /// the connection ever published, for as long as it stays connected, and nothing in
+    /// the broker reads it: the daemon's connection publishes a new topic per call, so
+    /// that map grew by every call for months, and rehashed all of it on the router
+    /// thread each time it doubled. `get_topic_meters` now returns an empty map.
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let meter = {
-            let topic = std::str::from_utf8(&publish.topic)?.to_string();
-            self.publishes.entry(topic).or_default()
-        };
-        meter.count += 1;
-        meter.size += publish.len();
-
+        std::str::from_utf8(&publish.topic)?;
         self.total_publishes.count += 1;
         self.total_publishes.size += publish.len();
 
