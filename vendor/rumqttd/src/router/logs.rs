@@ -88,7 +88,7 @@ struct TopicFilterCache {
 
 impl TopicFilterCache {
     /// Entries per generation: at most twice this many topics are cached.
-    const GENERATION: usize = 16 * 1024;
+    const GENERATION: usize = 32 * 1024;
 
     fn new() -> Self {
         Self {
