@@ -12,6 +12,7 @@ use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::io;
 use std::time::Instant;
 
@@ -329,42 +330,52 @@ impl DataLog {
         self.retained_publishes.remove(&topic);
     }
 
+    /// pickupd patch: reads only the part of the retained messages that can match.
+    ///
+    /// Upstream walked every retained message on every subscription (first to drop expired
+    /// ones, then to match): with one retained state per call that is 100k+ topic matches
+    /// per SUBSCRIBE, so a fleet of handhelds reconnecting at once stalled the router for
+    /// minutes. The map is ordered, so the topics a filter can match are the range that
+    /// starts with its literal part (everything before the first wildcard; all of them
+    /// for a filter starting with one). Expiry is now checked on the messages read:
+    /// expired ones are dropped, the others go out with the time they have left (upstream
+    /// also wrote that back into the stored message, shortening it again on each read).
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
-
-        // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
+        let prefix = retained_prefix(filter);
+        let mut out = Vec::new();
+        let mut expired = Vec::new();
+        let range = self
+            .retained_publishes
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded));
+        for (topic, pubdata) in range {
+            if !topic.starts_with(prefix) {
+                break;
             }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
-        self.retained_publishes
-            .iter()
-            .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.as_deref().cloned()))
-            .collect()
+            if !matches(topic, filter) {
+                continue;
+            }
+            let mut properties = pubdata.properties.as_deref().cloned();
+            let interval = properties
+                .as_mut()
+                .and_then(|p| p.message_expiry_interval.as_mut());
+            if let Some(interval) = interval {
+                let spent = now.saturating_duration_since(pubdata.timestamp).as_secs();
+                let spent = u32::try_from(spent).unwrap_or(u32::MAX);
+                if spent >= *interval {
+                    expired.push(topic.clone());
+                    continue;
+                }
+                // The time left, as MQTT 5 asks (3.3.2.3.3).
+                *interval -= spent;
+            }
+            out.push((pubdata.publish.clone(), properties));
+        }
+        for topic in expired {
+            self.retained_publishes.remove(&topic);
+        }
+        out
     }
 }
 
@@ -492,6 +503,14 @@ impl AckLog {
     }
 }
 
+/// pickupd patch: the literal start of a subscription filter, before its first wildcard
+/// level, without the separator (`a/b/#` also matches the topic `a/b`). Every topic the
+/// filter matches starts with it.
+fn retained_prefix(filter: &str) -> &str {
+    let literal = filter.find(['+', '#']).map_or(filter, |i| &filter[..i]);
+    literal.strip_suffix('/').unwrap_or(literal)
+}
+
 #[cfg(test)]
 mod test {
     use super::{DataLog, TopicFilterCache};
@@ -535,6 +554,65 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    // pickupd patch: a subscription gets exactly the retained messages its filter matches,
+    // read from the filter's range of the ordered map.
+    #[test]
+    fn retained_messages_read_for_a_filter_are_those_it_matches() {
+        use crate::protocol::{Publish, PublishProperties};
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let topics = [
+            "a", "a/b", "a/b/c", "a/b/c/d", "a/bc", "a/bc/d", "ab/c", "b/b", "b/b/c", "x/y/z",
+        ];
+        for t in topics {
+            let p = Publish::new(t, "v", true);
+            data.insert_to_retained_publishes(p, None, t.to_string());
+        }
+        let read = |data: &mut DataLog, f: &str| {
+            let mut v: Vec<String> = data
+                .read_retained_messages(f)
+                .into_iter()
+                .map(|(p, _)| String::from_utf8(p.topic.to_vec()).unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        for f in ["a/b", "a/b/#", "a/+", "a/+/c", "+/b", "+/b/#", "#", "a/bc/d", "x/+/z", "q/#"] {
+            let mut want: Vec<String> = topics
+                .iter()
+                .filter(|t| crate::protocol::matches(t, f))
+                .map(|t| t.to_string())
+                .collect();
+            want.sort();
+            assert_eq!(read(&mut data, f), want, "filter {f}");
+        }
+
+        // Expiry: an expired message is dropped; a live one goes out with the time left,
+        // and reading it again does not shorten the stored interval.
+        let props = |secs| PublishProperties {
+            message_expiry_interval: Some(secs),
+            ..Default::default()
+        };
+        data.insert_to_retained_publishes(Publish::new("e/live", "v", true), Some(props(60)), "e/live".into());
+        data.insert_to_retained_publishes(Publish::new("e/gone", "v", true), Some(props(0)), "e/gone".into());
+        for _ in 0..3 {
+            let got = data.read_retained_messages("e/#");
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].0.topic, "e/live");
+            let left = got[0].1.as_ref().and_then(|p| p.message_expiry_interval);
+            assert!(matches!(left, Some(59..=60)), "{left:?}");
+        }
+        assert_eq!(data.read_retained_messages("e/gone").len(), 0);
     }
 
     // pickupd patch: the size a stored message takes before its topic and payload.
