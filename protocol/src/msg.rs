@@ -592,4 +592,32 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", s.as_str()));
         }
     }
+
+    /// A long decimal (the fuzzer found this one) must decode to the nearest f64 and
+    /// survive a JSON round trip unchanged: a stored call must not drift on re-read.
+    #[test]
+    fn coordinates_decode_exactly_and_round_trip() {
+        let raw = br#"{"request_id":"r1","tel":"005-1234-5678","location":{"lat":37.5,"lon":127.666663333333333330,"label":"Gkiosk_ate 2"},"parcel":{"class":"light"},"kios~k_id":"k1"}"#;
+        let (_, res) = crate::answer::decode_request::<CreateCall>(raw);
+        let call = res.unwrap();
+        assert_eq!(
+            call.location.lon,
+            "127.666663333333333330".parse::<f64>().unwrap()
+        );
+        let again: CreateCall =
+            serde_json::from_slice(&serde_json::to_vec(&call).unwrap()).unwrap();
+        assert_eq!(again, call);
+        for s in [
+            "0.1",
+            "52.520008",
+            "-33.868820000000001",
+            "1.7976931348623157e308",
+            "5e-324",
+        ] {
+            let v: f64 = serde_json::from_str(s).unwrap();
+            assert_eq!(v, s.parse::<f64>().unwrap(), "{s}");
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+            assert_eq!(back, v, "{s}");
+        }
+    }
 }
