@@ -761,9 +761,9 @@ struct DispatchLoop {
     /// Request ids the database may hold, once built: a create whose request id is
     /// certainly not there skips the lookup (see `store::requests`).
     requests: Option<RequestFilter>,
-    /// While a filter is being built: the request ids created meanwhile, merged into it
-    /// when it arrives (the build reads a snapshot and would miss them).
-    requests_meanwhile: Option<RequestFilter>,
+    /// While the filter is being built: the request ids created meanwhile, inserted into
+    /// it when it arrives (the build reads a snapshot and would miss them).
+    requests_meanwhile: Option<Vec<String>>,
 }
 
 impl DispatchLoop {
@@ -837,9 +837,6 @@ impl DispatchLoop {
                 let d = self.core.assign_pending(now_ms());
                 self.submit(d, None).await;
             }
-            if building.is_none() && self.requests.as_ref().is_some_and(RequestFilter::saturated) {
-                building = Some(self.build_request_filter().await);
-            }
             self.stats
                 .dispatching
                 .store(self.core.pending_count() as u64, Ordering::Relaxed);
@@ -852,21 +849,16 @@ impl DispatchLoop {
         rx.close();
     }
 
-    /// Starts building a filter of the request ids stored (on a blocking thread, from a
-    /// read connection of its own), sized for twice what the database holds or twice what
-    /// the current filter was sized for, whichever is larger. The build reads once every
-    /// job queued so far is committed, and the ids created from now on are kept aside
-    /// for it, so that no stored request id is missing from the result.
+    /// Starts building the filter of the request ids stored (once, after start, on a
+    /// blocking thread with a read connection of its own), sized for twice what the
+    /// database holds; it grows by layers after that without reading again. The build
+    /// reads once every job queued so far is committed, and the ids created from now on
+    /// are kept aside for it, so that no stored request id is missing from the result.
     async fn build_request_filter(
         &mut self,
     ) -> tokio::task::JoinHandle<Result<RequestFilter, StoreError>> {
-        let stored = store::requests::capacity_for(&self.reader).unwrap_or(0);
-        let cap = self
-            .requests
-            .as_ref()
-            .map_or(0, |f| f.capacity().saturating_mul(2))
-            .max(stored);
-        self.requests_meanwhile = Some(RequestFilter::with_capacity(cap));
+        let cap = store::requests::capacity_for(&self.reader).unwrap_or(0);
+        self.requests_meanwhile = Some(Vec::new());
         let (btx, brx) = oneshot::channel();
         let queued = self
             .writer
@@ -893,10 +885,11 @@ impl DispatchLoop {
         let meanwhile = self.requests_meanwhile.take();
         match built {
             Ok(Ok(mut f)) => {
-                if let Some(m) = &meanwhile {
-                    f.merge(m);
+                for id in meanwhile.iter().flatten() {
+                    f.insert(id);
                 }
                 tracing::info!(
+                    ids = f.len(),
                     capacity = f.capacity(),
                     kib = f.bytes() / 1024,
                     "request id filter built"
@@ -1183,11 +1176,11 @@ impl DispatchLoop {
                 }
                 let mut req = *req;
                 // Every call created from here on is stored under this request id.
-                for f in [&mut self.requests, &mut self.requests_meanwhile]
-                    .into_iter()
-                    .flatten()
-                {
+                if let Some(f) = &mut self.requests {
                     f.insert(&req.request_id);
+                }
+                if let Some(m) = &mut self.requests_meanwhile {
+                    m.push(req.request_id.clone());
                 }
                 // The scale decides the class when it has a fresh, stable reading; the
                 // call never waits for it.
