@@ -728,6 +728,108 @@ async fn a_killed_assigned_courier_is_replaced_after_the_grace_period() {
     d.shutdown(DEADLINE).await.unwrap();
 }
 
+/// A handheld killed between pickup and delivery and started again (same id, same broker
+/// session) is told its job again and can finish it. Its old process had acknowledged
+/// the picked-up job message, so the session has nothing to replay, and rumqttd does
+/// not re-send retained messages for a subscription the session already holds: the
+/// daemon tells the job again when the courier comes back online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handheld_restarted_holding_a_parcel_is_told_its_job_again_and_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let addr = d.broker_addr;
+    let queue = dir.path().join("k.queue");
+    let queue = queue.to_string_lossy();
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--id",
+            "k",
+            "--vehicle",
+            "car",
+            "--lat",
+            "37.5005",
+            "--lon",
+            "127.0",
+            "--json",
+            "--will-delay-s",
+            "0",
+            "--queue-file",
+            &queue,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // The first run takes commands on stdin, as a courier at the console would.
+    let first = args(&[]);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut k = AgentProcess::spawn(addr, &first, dir.path().join("k-1.out"), true);
+    courier_known(&db, "k").await;
+    let kiosk = Kiosk::connect(addr, "test", "kiosk-1", Version::V4).await;
+    let created = kiosk.create(kiosk.call_body("r-1")).await;
+    let id = call_id(&created);
+    let code = created["pickup_code"].as_str().unwrap().to_string();
+    let job_line = |out: String, kind: &str| {
+        out.lines().any(|l| {
+            l.contains(r#""event":"job""#)
+                && l.contains(&format!(r#""kind":"{kind}""#))
+                && l.contains(id.as_str())
+        })
+    };
+    wait_until("the handheld shows the assignment", || async {
+        job_line(k.output(), "assigned")
+    })
+    .await;
+    k.line(&format!("picked {code}"));
+    wait_until("the handheld shows the picked-up job", || async {
+        job_line(k.output(), "picked_up")
+    })
+    .await;
+    // A position sent after that job message arrived: once the daemon has it, the broker
+    // has also had the handheld's acknowledgement of the job message (same connection,
+    // earlier), so a resumed session will not replay it.
+    k.line("move 37.5011 127.0");
+    wait_until("the daemon has the new position", || async {
+        open_db(&db)
+            .query_row("SELECT body FROM couriers WHERE id = 'k'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .is_ok_and(|b| b.contains("37.5011"))
+    })
+    .await;
+    k.kill();
+    wait_until("k marked offline by its will", || async {
+        d.stats.couriers_online.load(Ordering::Relaxed) == 0
+    })
+    .await;
+
+    // Started again: it delivers by itself once it knows it holds the parcel.
+    let again = args(&["--no-input", "--auto-complete-after-ms", "100"]);
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let k2 = AgentProcess::spawn(addr, &again, dir.path().join("k-2.out"), false);
+    wait_until(
+        "the call is completed by the restarted handheld",
+        || async {
+            open_db(&db)
+                .query_row("SELECT status FROM calls WHERE id = ?1", [&id], |r| {
+                    r.get::<_, String>(0)
+                })
+                .is_ok_and(|s| s == "completed")
+        },
+    )
+    .await;
+    assert!(job_line(k2.output(), "picked_up"), "{}", k2.output());
+    assert_eq!(
+        trail(&db, &id, &["assigned", "picked_up", "completed"]),
+        pairs(&[("assigned", "k"), ("picked_up", "k"), ("completed", "k")])
+    );
+    d.shutdown(DEADLINE).await.unwrap();
+}
+
 // ------------------------------------------------------------------ offline replay
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -799,17 +799,30 @@ impl Dispatcher {
                 self.withdraw_offer(&mut d, &call_id, cid, false, "courier went offline", now);
             }
         }
-        if let Some(call_id) = active {
-            if let Some(call) = self.calls.get_mut(&call_id) {
+        if let Some(call_id) = active.as_deref() {
+            if let Some(call) = self.calls.get_mut(call_id) {
                 if call.status == CallStatus::Assigned {
                     if !online && call.grace_until.is_none() {
                         call.grace_until = Some(now.saturating_add(self.cfg.grace_ms));
-                        self.put_call(&mut d, &call_id);
+                        self.put_call(&mut d, call_id);
                     } else if online && call.grace_until.is_some() {
                         call.grace_until = None;
-                        self.put_call(&mut d, &call_id);
+                        self.put_call(&mut d, call_id);
                     }
                 }
+            }
+        }
+        // A handheld announces itself online on every connect. One restarted with its
+        // broker session may not be told its job again: the broker re-sends only what the
+        // old process had not acknowledged, and rumqttd does not re-send retained messages
+        // for a subscription the session already holds. So the job is told again here.
+        if online && active.is_some() {
+            if let Some(job) = self
+                .couriers
+                .get(cid)
+                .and_then(|c| self.current_job(c, now))
+            {
+                self.publish_job(&mut d, cid, &job);
             }
         }
         self.put_courier(&mut d, cid);
@@ -1490,19 +1503,9 @@ impl Dispatcher {
             self.publish_state(&mut d, call);
         }
         for c in self.couriers.values() {
-            let (call_id, kind) = match (&c.active_call, &c.offered_call) {
-                (Some(id), _) => (id, None),
-                (None, Some(id)) => (id, Some(JobKind::Offer)),
-                (None, None) => continue,
-            };
-            let Some(call) = self.calls.get(call_id) else {
-                continue;
-            };
-            let kind = kind.unwrap_or(match call.status {
-                CallStatus::PickedUp => JobKind::PickedUp,
-                _ => JobKind::Assigned,
-            });
-            self.publish_job(&mut d, &c.id, &Self::job_for(call, kind, now, None));
+            if let Some(job) = self.current_job(c, now) {
+                self.publish_job(&mut d, &c.id, &job);
+            }
         }
         d.changes
             .into_iter()
@@ -1511,6 +1514,22 @@ impl Dispatcher {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The job message that describes what courier `c` holds now (an offer, an assigned
+    /// call, a parcel picked up), if anything.
+    fn current_job(&self, c: &Courier, now: Millis) -> Option<Job> {
+        let (call_id, kind) = match (&c.active_call, &c.offered_call) {
+            (Some(id), _) => (id, None),
+            (None, Some(id)) => (id, Some(JobKind::Offer)),
+            (None, None) => return None,
+        };
+        let call = self.calls.get(call_id)?;
+        let kind = kind.unwrap_or(match call.status {
+            CallStatus::PickedUp => JobKind::PickedUp,
+            _ => JobKind::Assigned,
+        });
+        Some(Self::job_for(call, kind, now, None))
     }
 
     /// When [`Dispatcher::tick`] next has something to do.
