@@ -228,6 +228,64 @@ async fn persistent_session_gets_what_was_published_while_away() {
     assert_eq!(&m.payload[..], b"offer");
 }
 
+/// MQTT 3.1.1 §3.8.4: a SUBSCRIBE that repeats an existing subscription re-sends the
+/// retained messages. A handheld that restarts and resumes its session must see its job
+/// again even though its previous connection acknowledged it (rumqttd as published sent
+/// nothing here; see vendor/README.md).
+#[tokio::test]
+async fn resumed_session_subscribing_again_gets_the_retained_message_again() {
+    let broker = Broker::start(cfg()).unwrap();
+    let addr = broker.v4_addr();
+    let mut publ = connect(addr, "daemon").await;
+    publ.publish_qos1("jobs/7", true, b"picked_up").await;
+
+    let mut o = options(addr, "courier-7", Version::V4);
+    o.clean_session = false;
+    let mut sub = spawn_client(o.clone());
+    assert_eq!(sub.connected().await, Ok(false));
+    sub.subscribe("jobs/+").await;
+    let m = sub.message().await;
+    assert_eq!((&m.payload[..], m.retain), (&b"picked_up"[..], true));
+    // Acknowledged (the PUBACK goes out before the DISCONNECT), so nothing is replayed.
+    sub.link.disconnect().await.unwrap();
+    sub.closed().await;
+    drop(sub);
+
+    let mut back = spawn_client(o);
+    assert_eq!(back.connected().await, Ok(true), "session kept");
+    back.subscribe("jobs/+").await;
+    let m = back.message().await;
+    assert_eq!((&m.payload[..], m.retain), (&b"picked_up"[..], true));
+
+    // Later messages still flow on the same subscription, once each.
+    publ.publish_qos1("jobs/7", true, b"completed").await;
+    let m = back.message().await;
+    assert_eq!(&m.payload[..], b"completed");
+}
+
+/// The same within one connection: subscribing again to a filter it already holds
+/// re-sends the filter's retained messages, whether or not the subscription was idle.
+#[tokio::test]
+async fn subscribing_again_on_one_connection_re_sends_the_retained_messages() {
+    let broker = Broker::start(cfg()).unwrap();
+    let addr = broker.v4_addr();
+    let mut publ = connect(addr, "daemon").await;
+    publ.publish_qos1("calls/1/state", true, b"assigned").await;
+    publ.publish_qos1("calls/2/state", true, b"dispatching")
+        .await;
+    let mut kiosk = connect(addr, "kiosk").await;
+    kiosk.subscribe("calls/+/state").await;
+    let mut first = vec![kiosk.message().await, kiosk.message().await];
+    first.sort_by(|a, b| a.topic.cmp(&b.topic));
+    kiosk.subscribe("calls/+/state").await;
+    let mut again = vec![kiosk.message().await, kiosk.message().await];
+    again.sort_by(|a, b| a.topic.cmp(&b.topic));
+    let payloads =
+        |v: &[Message]| -> Vec<Vec<u8>> { v.iter().map(|m| m.payload.to_vec()).collect() };
+    assert_eq!(payloads(&first), payloads(&again));
+    assert!(again.iter().all(|m| m.retain));
+}
+
 #[tokio::test]
 async fn probe_is_ok_when_healthy_and_names_the_listener_after_shutdown() {
     let broker = Broker::start(cfg_v5()).unwrap();

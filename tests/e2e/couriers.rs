@@ -730,9 +730,11 @@ async fn a_killed_assigned_courier_is_replaced_after_the_grace_period() {
 
 /// A handheld killed between pickup and delivery and started again (same id, same broker
 /// session) is told its job again and can finish it. Its old process had acknowledged
-/// the picked-up job message, so the session has nothing to replay, and rumqttd does
-/// not re-send retained messages for a subscription the session already holds: the
-/// daemon tells the job again when the courier comes back online.
+/// the picked-up job message, so the session has nothing to replay; rumqttd as published
+/// did not re-send retained messages for a subscription the session already holds, and
+/// the call stayed open for good. Two fixes cover it, each tested on its own: the
+/// vendored broker re-sends them (`broker/tests/broker.rs`), and the daemon tells the
+/// job again when the courier comes back online (`dispatch::tests`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handheld_restarted_holding_a_parcel_is_told_its_job_again_and_delivers() {
     let dir = tempfile::tempdir().unwrap();

@@ -813,9 +813,10 @@ impl Dispatcher {
             }
         }
         // A handheld announces itself online on every connect. One restarted with its
-        // broker session may not be told its job again: the broker re-sends only what the
-        // old process had not acknowledged, and rumqttd does not re-send retained messages
-        // for a subscription the session already holds. So the job is told again here.
+        // broker session may not be told its job again: the broker replays only what the
+        // old process had not acknowledged, and some brokers (rumqttd as published) do not
+        // re-send retained messages for a subscription the session already holds. So the
+        // job is told again here.
         if online && active.is_some() {
             if let Some(job) = self
                 .couriers

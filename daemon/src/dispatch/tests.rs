@@ -310,6 +310,38 @@ fn pickup_code_and_order_of_replies() {
     assert_eq!(status(&d, "c1"), CallStatus::Assigned);
 }
 
+/// A courier coming back online is told its current job again (assigned, then picked
+/// up), whatever its broker re-sends on a resumed session; a free courier gets no job
+/// message, and going offline tells nothing.
+#[test]
+fn a_courier_back_online_is_told_its_current_job_again() {
+    let mut d = disp(Mode::Auto);
+    let presence = |available: bool| Presence {
+        state: PresenceState::Online,
+        available,
+        name: None,
+        vehicle: None,
+        tel: None,
+        at: None,
+    };
+    online(&mut d, "k1", Vehicle::Car, 37.5, 127.0, T0);
+    online(&mut d, "k2", Vehicle::Car, 37.6, 127.0, T0);
+    create(&mut d, "c1", ParcelClass::Light, T0);
+    assert_eq!(holder(&d, "c1").as_deref(), Some("k1"));
+    assert!(jobs_to(&offline(&mut d, "k1", T0 + 100), "k1").is_empty());
+    let back = d.presence("k1", presence(true), T0 + 200);
+    assert_eq!(jobs_to(&back, "k1"), vec![JobKind::Assigned]);
+    let mut r = reply("c1", JobAction::PickedUp);
+    r.pickup_code = Some("4321".into());
+    d.job_reply("k1", r, T0 + 300);
+    offline(&mut d, "k1", T0 + 400);
+    let back = d.presence("k1", presence(false), T0 + 500);
+    assert_eq!(jobs_to(&back, "k1"), vec![JobKind::PickedUp]);
+    assert_eq!(status(&d, "c1"), CallStatus::PickedUp);
+    // k2 holds nothing: its presence publishes no job.
+    assert!(jobs_to(&d.presence("k2", presence(true), T0 + 600), "k2").is_empty());
+}
+
 #[test]
 fn right_code_then_completed_with_device_times_and_idempotent_replies() {
     let mut d = disp(Mode::Auto);

@@ -306,6 +306,15 @@ impl DataLog {
         data.waiters.register(id, request);
     }
 
+    /// pickupd patch: takes connection `id`'s parked requests on one filter's log back
+    /// from its waiters (to re-send that filter's retained messages).
+    pub fn take_waiters(&mut self, id: ConnectionId, filter_idx: FilterIdx) -> Vec<DataRequest> {
+        self.native
+            .get_mut(filter_idx)
+            .map(|data| data.waiters.remove(id))
+            .unwrap_or_default()
+    }
+
     /// Cleanup a connection from all the waiters
     pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
         let mut inflight = Vec::new();

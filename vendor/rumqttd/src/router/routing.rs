@@ -981,6 +981,15 @@ impl Router {
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if forward_retained
+            && filter.retain_forward_rule == protocol::RetainForwardRule::OnEverySubscribe
+        {
+            // pickupd patch: a SUBSCRIBE that repeats an existing subscription (typically a
+            // client resuming its persistent session) gets the filter's retained messages
+            // again, as MQTT 3.1.1 §3.8.4 and MQTT 5 (retain handling 0) require. Upstream
+            // sent nothing, so a client that had acknowledged a retained message before a
+            // restart never saw it again.
+            self.forward_retained_again(id, filter_idx);
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -989,6 +998,28 @@ impl Router {
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+    }
+
+    /// pickupd patch: makes connection `id`'s data request on `filter_idx` forward the
+    /// filter's retained messages once more. The request is either with the scheduler or
+    /// parked as a waiter on the filter's log (caught up); a parked one is taken back.
+    fn forward_retained_again(&mut self, id: ConnectionId, filter_idx: FilterIdx) {
+        let Some(tracker) = self.scheduler.trackers.get_mut(id) else {
+            return;
+        };
+        if let Some(r) = tracker
+            .data_requests
+            .iter_mut()
+            .find(|r| r.filter_idx == filter_idx)
+        {
+            r.forward_retained = true;
+        } else {
+            for mut r in self.datalog.take_waiters(id, filter_idx) {
+                r.forward_retained = true;
+                self.scheduler.track(id, r);
+            }
+        }
+        self.scheduler.reschedule(id, ScheduleReason::NewFilter);
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
