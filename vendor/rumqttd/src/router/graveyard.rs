@@ -48,6 +48,15 @@ impl Graveyard {
         );
     }
 
+    /// pickupd patch: the data requests of every saved session (their cursors hold
+    /// the filter logs' entries those sessions have not read or acknowledged).
+    pub fn data_requests(&self) -> impl Iterator<Item = &super::DataRequest> {
+        self.connections
+            .values()
+            .filter_map(|s| s.session_state.as_ref())
+            .flat_map(|s| s.tracker.data_requests.iter())
+    }
+
     /// Save only metrics for connection
     pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) {
         self.connections.insert(

@@ -198,6 +198,14 @@ impl Outgoing {
         Some(())
     }
 
+    /// pickupd patch: the log positions of the QoS 1/2 messages sent and not yet
+    /// acknowledged (a resumed session is sent them again from there).
+    pub fn inflight_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
+        self.inflight_buffer
+            .iter()
+            .filter_map(|(_, idx, cursor)| cursor.map(|c| (*idx, c)))
+    }
+
     // Here we are assuming that the first unique filter_idx we find while iterating will have the
     // least corresponding cursor because of the way we insert into the inflight_buffer
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {

@@ -71,6 +71,8 @@ pub struct DataLog {
     retained_publishes: BTreeMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: TopicFilterCache,
+    /// pickupd patch: some log may hold entries that [`DataLog::trim`] has not looked at.
+    pub untrimmed: bool,
 }
 
 /// pickupd patch: the topic → matching filters cache, bounded.
@@ -148,7 +150,32 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            untrimmed: false,
         })
+    }
+
+    /// pickupd patch: the requests parked on the filter logs, with their connections.
+    pub fn waiters_requests(&self) -> impl Iterator<Item = &(ConnectionId, DataRequest)> {
+        self.native
+            .iter()
+            .flat_map(|(_, data)| data.waiters.waiters().iter())
+    }
+
+    /// pickupd patch: frees, in every filter's log, the entries before `keep_from[filter]`
+    /// (the earliest position any reader of it may still read from; `None` or missing:
+    /// nobody reads that log). See `CommitLog::trim`.
+    pub fn trim(&mut self, keep_from: &[Option<Offset>]) {
+        let mut left = false;
+        for (idx, data) in self.native.iter_mut() {
+            left |= data.log.trim(keep_from.get(idx).copied().flatten());
+        }
+        self.untrimmed = left;
+    }
+
+    /// pickupd patch: one past the largest filter index in use (for sizing `trim`'s
+    /// table).
+    pub fn filter_index_end(&self) -> usize {
+        self.native.iter().map(|(idx, _)| idx + 1).max().unwrap_or(0)
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {

@@ -9,13 +9,13 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
-use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
+use flume::{bounded, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use bytes::Bytes;
 use std::str::Utf8Error;
 use std::thread;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 
@@ -103,7 +103,12 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// pickupd patch: when the filter logs were last trimmed (`Router::trim_logs`).
+    last_trim: Instant,
 }
+
+/// pickupd patch: how often read entries are freed from the filter logs at most.
+const LOG_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Router {
     pub fn new(router_id: RouterId, config: RouterConfig) -> Router {
@@ -144,6 +149,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            last_trim: Instant::now(),
         }
     }
 
@@ -197,8 +203,18 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            // pickupd patch: while some log holds entries, wake up to trim them even when
+            // no event comes.
+            if self.datalog.untrimmed {
+                match self.router_rx.recv_timeout(LOG_TRIM_INTERVAL) {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Err(RouterError::Disconnected),
+                }
+            } else {
+                let (id, data) = self.router_rx.recv()?;
+                self.events(id, data);
+            }
         }
 
         // Try reading more from connections in a non-blocking
@@ -229,7 +245,59 @@ impl Router {
         }
 
         // self.send_all_alerts();
+        self.trim_logs();
         Ok(())
+    }
+
+    /// pickupd patch: frees the entries of every filter log that no reader can read
+    /// again, at most once per `LOG_TRIM_INTERVAL`.
+    ///
+    /// Upstream freed a log's entries only when its segments overflowed, so every
+    /// filter that had seen traffic kept up to `max_segment_size * max_segment_count`
+    /// bytes for good: the daemon's wildcard subscriptions about 2 MiB each, and each
+    /// handheld's own job topic filling up over weeks. A reader's position in a log
+    /// lives in one of: its connection's data requests (`scheduler`), the requests
+    /// parked on the log (`datalog` waiters), requests woken by new data and not yet
+    /// rescheduled (`notifications`), the QoS 1/2 messages sent and not acknowledged
+    /// (`obufs`, re-sent from there to a resumed session), the saved sessions
+    /// (`graveyard`) and the shared subscription groups. Everything before the earliest
+    /// of them is freed. Runs between events on the router thread, so no request is
+    /// in transit between those places.
+    fn trim_logs(&mut self) {
+        if !self.datalog.untrimmed || self.last_trim.elapsed() < LOG_TRIM_INTERVAL {
+            return;
+        }
+        self.last_trim = Instant::now();
+        let mut keep: Vec<Option<Offset>> = vec![None; self.datalog.filter_index_end()];
+        let mut note = |idx: FilterIdx, cursor: Offset| {
+            if let Some(slot) = keep.get_mut(idx) {
+                *slot = Some(slot.map_or(cursor, |c| c.min(cursor)));
+            }
+        };
+        let groups = &self.shared_subscriptions;
+        let mut note_request = |r: &DataRequest| {
+            note(r.filter_idx, r.cursor);
+            if let Some(group) = r.group.as_ref().and_then(|g| groups.get(g)) {
+                note(r.filter_idx, group.cursor);
+            }
+        };
+        for (_, tracker) in self.scheduler.trackers.iter() {
+            tracker.data_requests.iter().for_each(&mut note_request);
+        }
+        self.notifications
+            .iter()
+            .for_each(|(_, r)| note_request(r));
+        self.graveyard.data_requests().for_each(&mut note_request);
+        for (_, waiter) in self.datalog.waiters_requests() {
+            note_request(waiter);
+        }
+        drop(note_request);
+        for (_, outgoing) in self.obufs.iter() {
+            outgoing
+                .inflight_cursors()
+                .for_each(|(idx, cursor)| note(idx, cursor));
+        }
+        self.datalog.trim(&keep);
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {
@@ -1284,6 +1352,8 @@ fn append_to_commitlog(
     };
 
     let mut o = (0, 0);
+    // pickupd patch: see `Router::trim_logs`.
+    datalog.untrimmed = true;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = (publish.clone(), properties.clone());
@@ -1366,6 +1436,8 @@ fn append_will_message(
     };
 
     let mut o = (0, 0);
+    // pickupd patch: see `Router::trim_logs`.
+    datalog.untrimmed = true;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = (publish.clone(), properties.clone());

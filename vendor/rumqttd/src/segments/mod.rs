@@ -167,6 +167,28 @@ where
         self.active_segment().last()
     }
 
+    /// pickupd patch: frees every entry before `keep_from`, the earliest position any
+    /// reader of this log may still read from (`None`: nobody reads it). Upstream frees
+    /// nothing until a segment falls out of the log, so a filter's log stayed at up to
+    /// `max_segment_size * max_mem_segments` bytes for good once traffic had filled it,
+    /// read or not. Whole segments before `keep_from` go; the segment holding it loses
+    /// the entries before it. Positions of the entries left do not change, so cursors
+    /// at or after `keep_from` read exactly as before. Returns whether entries are left.
+    pub fn trim(&mut self, keep_from: Option<(u64, u64)>) -> bool {
+        let (segment, offset) = keep_from.unwrap_or_else(|| self.next_offset());
+        let segment = segment.min(self.tail);
+        while self.head < segment && self.segments.len() > 1 {
+            self.segments.pop_front();
+            self.head += 1;
+        }
+        if self.head == segment {
+            if let Some(front) = self.segments.front_mut() {
+                front.drop_before(offset);
+            }
+        }
+        self.segments.iter().any(|s| s.len() > 0)
+    }
+
     /// Read `len` Ts at once. More efficient than reading 1 at a time. Returns
     /// the next offset to read data from. The Position::start returned need not
     /// be a valid index if the start given is not valid either.
@@ -674,5 +696,78 @@ mod tests {
                 end: (10, 105)
             }
         );
+    }
+
+    /// pickupd patch: `trim` frees what is before the earliest reader and nothing a
+    /// reader at or after it can read.
+    #[test]
+    fn trim_frees_only_what_every_reader_is_past() {
+        // 10 entries of 1 KiB per segment, up to 4 segments.
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 4).unwrap();
+        for i in 0..35u8 {
+            log.append(random_payload(i, 1024));
+        }
+        assert_eq!((log.head, log.tail), (0, 3));
+        let read_all = |log: &CommitLog<Bytes>, from| {
+            let mut out = Vec::new();
+            let pos = log.readv(from, 100, &mut out).unwrap();
+            (pos, out)
+        };
+        // A reader in the middle of segment 1, at absolute offset 14.
+        let reader = (1, 14);
+        let before = read_all(&log, reader);
+        assert!(log.trim(Some(reader)));
+        assert_eq!((log.head, log.tail), (1, 3));
+        assert_eq!(log.segments.front().unwrap().absolute_offset, 14);
+        // The reader reads exactly what it would have read, from the same positions.
+        assert_eq!(read_all(&log, reader), before);
+        assert_eq!(before.1.len(), 21);
+        verify(14, 1024, before.1[0].clone());
+        assert_eq!(before.1[0].1, (1, 14));
+        // A reader at the end of a full segment moves on to the next one unharmed.
+        let mut log2: CommitLog<Bytes> = CommitLog::new(10 * 1024, 4).unwrap();
+        for i in 0..25u8 {
+            log2.append(random_payload(i, 1024));
+        }
+        let at_end = (0, 10);
+        let before = read_all(&log2, at_end);
+        log2.trim(Some(at_end));
+        assert_eq!(read_all(&log2, at_end), before);
+        assert_eq!(before.1.len(), 15);
+
+        // Appending goes on at the same offsets; a later reader sees the new entries.
+        let end = log.next_offset();
+        assert_eq!(end, (3, 35));
+        // Everyone caught up: the log is empty but keeps its positions.
+        assert!(!log.trim(Some(end)));
+        assert_eq!(log.size(), 0);
+        assert_eq!(log.next_offset(), end);
+        assert_eq!(read_all(&log, end).1.len(), 0);
+        assert_eq!(log.append(random_payload(99, 1024)), (3, 36));
+        let (_, out) = read_all(&log, end);
+        assert_eq!(out.len(), 1);
+        verify(99, 1024, out[0].clone());
+        assert_eq!(out[0].1, (3, 35));
+        // Nobody reads the log: everything goes.
+        assert!(!log.trim(None));
+        assert_eq!(log.next_offset(), (3, 36));
+    }
+
+    /// pickupd patch: freed entries no longer count against the segment size, so a log
+    /// whose readers keep up never drops what a slower reader still needs.
+    #[test]
+    fn trimmed_entries_do_not_count_against_the_segment_size() {
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 2).unwrap();
+        for round in 0..50u64 {
+            for i in 0..5u8 {
+                log.append(random_payload(i, 1024));
+            }
+            // The only reader has read everything.
+            log.trim(Some(log.next_offset()));
+            assert_eq!(log.next_offset().1, (round + 1) * 5);
+        }
+        // Never rotated: every segment was freed before it filled.
+        assert_eq!((log.head, log.tail), (0, 0));
+        assert_eq!(log.size(), 0);
     }
 }

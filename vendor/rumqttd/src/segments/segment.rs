@@ -112,6 +112,31 @@ where
     pub fn last(&self) -> Option<T> {
         self.data.last().cloned()
     }
+
+    /// pickupd patch: drops the entries before absolute offset `offset` (every reader is
+    /// past them), so that read messages stop holding memory. The segment keeps its
+    /// place in the log: the offsets of the entries left do not change.
+    pub(crate) fn drop_before(&mut self, offset: u64) {
+        if offset <= self.absolute_offset {
+            return;
+        }
+        let n = (offset - self.absolute_offset).min(self.len()) as usize;
+        if n == 0 {
+            return;
+        }
+        let freed: u64 = self.data[..n].iter().map(|d| d.size() as u64).sum();
+        self.total_size = self.total_size.saturating_sub(freed);
+        self.absolute_offset += n as u64;
+        if n == self.data.len() {
+            // Give the whole buffer back: a quiet filter's log then costs nothing.
+            self.data = Vec::new();
+        } else {
+            self.data.drain(..n);
+            if self.data.capacity() > 4 * self.data.len() + 64 {
+                self.data.shrink_to(2 * self.data.len());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
