@@ -58,8 +58,9 @@ pub struct BrokerConfig {
     /// protects the connection slots from idle sockets.
     pub connection_timeout_ms: u16,
     /// Bytes per segment of each subscription filter's in-memory log. A QoS 1 subscriber
-    /// that falls behind by more than the log silently loses messages, and every filter
-    /// that sees traffic can grow to `segment_size * segment_count`.
+    /// that falls behind by more than the log silently loses messages; a filter holds up
+    /// to `segment_size * segment_count` of messages some subscriber has not yet read
+    /// (what all have read is freed).
     pub segment_size: usize,
     /// Segments kept per filter log (see `segment_size`).
     pub segment_count: usize,
