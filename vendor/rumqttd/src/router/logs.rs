@@ -71,8 +71,11 @@ pub struct DataLog {
     retained_publishes: BTreeMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: TopicFilterCache,
-    /// pickupd patch: some log may hold entries that [`DataLog::trim`] has not looked at.
+    /// pickupd patch: some log may hold entries that no trim pass has looked at.
     pub untrimmed: bool,
+    /// pickupd patch: per log, the position before which its entries are to be freed,
+    /// worked off a budget at a time (`DataLog::trim_step`).
+    trim_targets: Vec<(FilterIdx, Offset)>,
 }
 
 /// pickupd patch: the topic → matching filters cache, bounded.
@@ -151,6 +154,7 @@ impl DataLog {
             filter_indexes,
             retained_publishes,
             untrimmed: false,
+            trim_targets: Vec::new(),
         })
     }
 
@@ -161,15 +165,45 @@ impl DataLog {
             .flat_map(|(_, data)| data.waiters.waiters().iter())
     }
 
-    /// pickupd patch: frees, in every filter's log, the entries before `keep_from[filter]`
-    /// (the earliest position any reader of it may still read from; `None` or missing:
-    /// nobody reads that log). See `CommitLog::trim`.
-    pub fn trim(&mut self, keep_from: &[Option<Offset>]) {
-        let mut left = false;
-        for (idx, data) in self.native.iter_mut() {
-            left |= data.log.trim(keep_from.get(idx).copied().flatten());
+    /// pickupd patch: sets, for every log holding entries, the position before which
+    /// they are to be freed: `keep_from[filter]`, the earliest position any reader of it
+    /// may still read from, or the log's end if nobody reads it (`None` or missing). A
+    /// reader that comes later starts at the end as it is then, so the targets stay safe
+    /// while `trim_step` works them off.
+    pub fn set_trim_targets(&mut self, keep_from: &[Option<Offset>]) {
+        self.trim_targets.clear();
+        for (idx, data) in self.native.iter() {
+            if data.log.is_empty() {
+                continue;
+            }
+            let target = keep_from
+                .get(idx)
+                .copied()
+                .flatten()
+                .unwrap_or_else(|| data.log.next_offset());
+            self.trim_targets.push((idx, target));
         }
-        self.untrimmed = left;
+        self.untrimmed = !self.trim_targets.is_empty();
+    }
+
+    /// pickupd patch: frees up to `budget` entries towards the targets set by
+    /// `set_trim_targets`; returns whether any target is left.
+    pub fn trim_step(&mut self, mut budget: u64) -> bool {
+        while let Some(&(idx, target)) = self.trim_targets.last() {
+            let freed = self
+                .native
+                .get_mut(idx)
+                .map_or(0, |data| data.log.trim(target, budget));
+            if freed < budget {
+                // Nothing before the target is left in that log.
+                self.trim_targets.pop();
+            }
+            budget -= freed.min(budget);
+            if budget == 0 {
+                break;
+            }
+        }
+        !self.trim_targets.is_empty()
     }
 
     /// pickupd patch: one past the largest filter index in use (for sizing `trim`'s

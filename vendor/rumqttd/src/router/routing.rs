@@ -103,12 +103,17 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
-    /// pickupd patch: when the filter logs were last trimmed (`Router::trim_logs`).
+    /// pickupd patch: when the readers' positions were last gathered (`Router::trim_logs`).
     last_trim: Instant,
+    /// pickupd patch: read entries are still to be freed (`Router::trim_logs`).
+    trim_pending: bool,
 }
 
-/// pickupd patch: how often read entries are freed from the filter logs at most.
+/// pickupd patch: how often the readers' positions are gathered to free read entries.
 const LOG_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// pickupd patch: entries freed per router pass at most (about 0.1 ms of work), so that
+/// freeing a busy second's worth does not hold up the router in one go.
+const LOG_TRIM_BUDGET: u64 = 256;
 
 impl Router {
     pub fn new(router_id: RouterId, config: RouterConfig) -> Router {
@@ -150,6 +155,7 @@ impl Router {
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             last_trim: Instant::now(),
+            trim_pending: false,
         }
     }
 
@@ -203,9 +209,15 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            // pickupd patch: while some log holds entries, wake up to trim them even when
-            // no event comes.
-            if self.datalog.untrimmed {
+            // pickupd patch: while read entries are being freed, do not wait for events;
+            // while some log holds entries, wake up to look at them even when none come.
+            if self.trim_pending {
+                match self.router_rx.try_recv() {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
+                }
+            } else if self.datalog.untrimmed {
                 match self.router_rx.recv_timeout(LOG_TRIM_INTERVAL) {
                     Ok((id, data)) => self.events(id, data),
                     Err(RecvTimeoutError::Timeout) => {}
@@ -250,7 +262,8 @@ impl Router {
     }
 
     /// pickupd patch: frees the entries of every filter log that no reader can read
-    /// again, at most once per `LOG_TRIM_INTERVAL`.
+    /// again: at most once per `LOG_TRIM_INTERVAL` it gathers the readers' positions,
+    /// then frees up to `LOG_TRIM_BUDGET` entries per router pass until done.
     ///
     /// Upstream freed a log's entries only when its segments overflowed, so every
     /// filter that had seen traffic kept up to `max_segment_size * max_segment_count`
@@ -264,10 +277,21 @@ impl Router {
     /// of them is freed. Runs between events on the router thread, so no request is
     /// in transit between those places.
     fn trim_logs(&mut self) {
-        if !self.datalog.untrimmed || self.last_trim.elapsed() < LOG_TRIM_INTERVAL {
-            return;
+        if !self.trim_pending {
+            if !self.datalog.untrimmed || self.last_trim.elapsed() < LOG_TRIM_INTERVAL {
+                return;
+            }
+            self.last_trim = Instant::now();
+            self.gather_trim_targets();
         }
-        self.last_trim = Instant::now();
+        self.trim_pending = self.datalog.trim_step(LOG_TRIM_BUDGET);
+    }
+
+    /// pickupd patch: for every filter log, the earliest position any reader may still
+    /// read from (see `trim_logs`), handed to the datalog as its trim targets. Positions
+    /// only move forward from there (a resumed session goes back to its unacknowledged
+    /// messages, which are counted here), so the targets stay safe until worked off.
+    fn gather_trim_targets(&mut self) {
         let mut keep: Vec<Option<Offset>> = vec![None; self.datalog.filter_index_end()];
         let mut note = |idx: FilterIdx, cursor: Offset| {
             if let Some(slot) = keep.get_mut(idx) {
@@ -297,7 +321,7 @@ impl Router {
                 .inflight_cursors()
                 .for_each(|(idx, cursor)| note(idx, cursor));
         }
-        self.datalog.trim(&keep);
+        self.datalog.set_trim_targets(&keep);
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {

@@ -167,26 +167,45 @@ where
         self.active_segment().last()
     }
 
-    /// pickupd patch: frees every entry before `keep_from`, the earliest position any
-    /// reader of this log may still read from (`None`: nobody reads it). Upstream frees
-    /// nothing until a segment falls out of the log, so a filter's log stayed at up to
-    /// `max_segment_size * max_mem_segments` bytes for good once traffic had filled it,
-    /// read or not. Whole segments before `keep_from` go; the segment holding it loses
-    /// the entries before it. Positions of the entries left do not change, so cursors
-    /// at or after `keep_from` read exactly as before. Returns whether entries are left.
-    pub fn trim(&mut self, keep_from: Option<(u64, u64)>) -> bool {
-        let (segment, offset) = keep_from.unwrap_or_else(|| self.next_offset());
+    /// pickupd patch: frees up to `budget` of the entries before `keep_from`, the
+    /// earliest position any reader of this log may still read from, oldest first; returns
+    /// how many it freed (fewer than `budget`: nothing before `keep_from` is left).
+    ///
+    /// Upstream frees nothing until a segment falls out of the log, so a filter's log
+    /// stayed at up to `max_segment_size * max_mem_segments` bytes for good once traffic
+    /// had filled it, read or not. Segments wholly before `keep_from` go; the segment
+    /// holding it loses the entries before it. Positions of the entries left do not
+    /// change, so cursors at or after `keep_from` read exactly as before. The budget
+    /// bounds how long one call holds up the router thread.
+    pub fn trim(&mut self, keep_from: (u64, u64), budget: u64) -> u64 {
+        let (segment, offset) = keep_from;
         let segment = segment.min(self.tail);
-        while self.head < segment && self.segments.len() > 1 {
-            self.segments.pop_front();
-            self.head += 1;
-        }
-        if self.head == segment {
-            if let Some(front) = self.segments.front_mut() {
-                front.drop_before(offset);
+        let mut freed = 0;
+        while freed < budget {
+            let older = self.head < segment && self.segments.len() > 1;
+            let Some(front) = self.segments.front_mut() else {
+                break;
+            };
+            if older {
+                let end = front.next_offset();
+                freed += front.drop_before(end, budget - freed);
+                if front.len() == 0 {
+                    self.segments.pop_front();
+                    self.head += 1;
+                }
+            } else {
+                if self.head == segment {
+                    freed += front.drop_before(offset, budget - freed);
+                }
+                break;
             }
         }
-        self.segments.iter().any(|s| s.len() > 0)
+        freed
+    }
+
+    /// pickupd patch: whether the log holds any entry.
+    pub fn is_empty(&self) -> bool {
+        self.segments.iter().all(|s| s.len() == 0)
     }
 
     /// Read `len` Ts at once. More efficient than reading 1 at a time. Returns
@@ -716,7 +735,7 @@ mod tests {
         // A reader in the middle of segment 1, at absolute offset 14.
         let reader = (1, 14);
         let before = read_all(&log, reader);
-        assert!(log.trim(Some(reader)));
+        assert_eq!(log.trim(reader, u64::MAX), 14);
         assert_eq!((log.head, log.tail), (1, 3));
         assert_eq!(log.segments.front().unwrap().absolute_offset, 14);
         // The reader reads exactly what it would have read, from the same positions.
@@ -724,6 +743,9 @@ mod tests {
         assert_eq!(before.1.len(), 21);
         verify(14, 1024, before.1[0].clone());
         assert_eq!(before.1[0].1, (1, 14));
+        // Nothing before the reader is left: trimming again frees nothing.
+        assert_eq!(log.trim(reader, u64::MAX), 0);
+
         // A reader at the end of a full segment moves on to the next one unharmed.
         let mut log2: CommitLog<Bytes> = CommitLog::new(10 * 1024, 4).unwrap();
         for i in 0..25u8 {
@@ -731,15 +753,16 @@ mod tests {
         }
         let at_end = (0, 10);
         let before = read_all(&log2, at_end);
-        log2.trim(Some(at_end));
+        log2.trim(at_end, u64::MAX);
         assert_eq!(read_all(&log2, at_end), before);
         assert_eq!(before.1.len(), 15);
 
-        // Appending goes on at the same offsets; a later reader sees the new entries.
+        // Everyone caught up: the log is empty but keeps its positions, and appending
+        // goes on at the same offsets.
         let end = log.next_offset();
         assert_eq!(end, (3, 35));
-        // Everyone caught up: the log is empty but keeps its positions.
-        assert!(!log.trim(Some(end)));
+        assert_eq!(log.trim(end, u64::MAX), 21);
+        assert!(log.is_empty());
         assert_eq!(log.size(), 0);
         assert_eq!(log.next_offset(), end);
         assert_eq!(read_all(&log, end).1.len(), 0);
@@ -748,9 +771,42 @@ mod tests {
         assert_eq!(out.len(), 1);
         verify(99, 1024, out[0].clone());
         assert_eq!(out[0].1, (3, 35));
-        // Nobody reads the log: everything goes.
-        assert!(!log.trim(None));
-        assert_eq!(log.next_offset(), (3, 36));
+    }
+
+    /// pickupd patch: a budget frees the oldest entries first, a few at a time, and a
+    /// reader in the middle reads the same throughout.
+    #[test]
+    fn trim_works_off_a_budget_oldest_first() {
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 4).unwrap();
+        for i in 0..35u8 {
+            log.append(random_payload(i, 1024));
+        }
+        let reader = (3, 32);
+        let mut out = Vec::new();
+        log.readv(reader, 100, &mut out).unwrap();
+        let mut steps = 0;
+        let mut freed_total = 0;
+        loop {
+            let freed = log.trim(reader, 4);
+            assert!(freed <= 4);
+            freed_total += freed;
+            steps += 1;
+            // The oldest entry left is the first one not yet freed.
+            if !log.is_empty() {
+                let mut first = Vec::new();
+                log.readv((0, 0), 1, &mut first).unwrap();
+                assert_eq!(first[0].1 .1, freed_total);
+            }
+            let mut again = Vec::new();
+            log.readv(reader, 100, &mut again).unwrap();
+            assert_eq!(again, out);
+            if freed < 4 {
+                break;
+            }
+        }
+        assert_eq!(freed_total, 32);
+        assert_eq!(steps, 9);
+        assert_eq!((log.head, log.tail), (3, 3));
     }
 
     /// pickupd patch: freed entries no longer count against the segment size, so a log
@@ -763,7 +819,7 @@ mod tests {
                 log.append(random_payload(i, 1024));
             }
             // The only reader has read everything.
-            log.trim(Some(log.next_offset()));
+            log.trim(log.next_offset(), u64::MAX);
             assert_eq!(log.next_offset().1, (round + 1) * 5);
         }
         // Never rotated: every segment was freed before it filled.

@@ -1,11 +1,13 @@
 use crate::{Cursor, Offset};
 
 use super::Storage;
+use std::collections::VecDeque;
 use std::io;
 
 pub(crate) struct Segment<T> {
-    /// Holds the actual segment.
-    pub(crate) data: Vec<T>,
+    /// Holds the actual segment. pickupd patch: a deque, so that entries every reader
+    /// has read can be freed from the front a few at a time (`drop_before`).
+    pub(crate) data: VecDeque<T>,
     total_size: u64,
     /// The absolute offset at which the `inner` starts at. All reads will return the absolute
     /// offset as the offset of the cursor.
@@ -29,14 +31,14 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: VecDeque::with_capacity(1024),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: VecDeque::with_capacity(1024),
             absolute_offset: 0,
             total_size: 0,
         }
@@ -51,7 +53,7 @@ where
     #[inline]
     pub(crate) fn push(&mut self, inner_type: T) {
         self.total_size += inner_type.size() as u64;
-        self.data.push(inner_type);
+        self.data.push_back(inner_type);
     }
 
     #[inline]
@@ -81,8 +83,9 @@ where
                 limit = self.len();
             }
             let offsets = std::iter::repeat(cursor.0).zip(cursor.1..cursor.1 + limit);
-            let o = self.data[idx as usize..limit as usize]
-                .iter()
+            let o = self
+                .data
+                .range(idx as usize..limit as usize)
                 .cloned()
                 .zip(offsets);
             out.extend(o);
@@ -110,32 +113,33 @@ where
 
     #[inline]
     pub fn last(&self) -> Option<T> {
-        self.data.last().cloned()
+        self.data.back().cloned()
     }
 
-    /// pickupd patch: drops the entries before absolute offset `offset` (every reader is
-    /// past them), so that read messages stop holding memory. The segment keeps its
-    /// place in the log: the offsets of the entries left do not change.
-    pub(crate) fn drop_before(&mut self, offset: u64) {
-        if offset <= self.absolute_offset {
-            return;
+    /// pickupd patch: frees up to `budget` of the entries before absolute offset
+    /// `offset` (every reader is past them), oldest first, and returns how many it
+    /// freed. The segment keeps its place in the log: the offsets of the entries left do
+    /// not change.
+    pub(crate) fn drop_before(&mut self, offset: u64, budget: u64) -> u64 {
+        let n = offset
+            .saturating_sub(self.absolute_offset)
+            .min(self.len())
+            .min(budget);
+        for _ in 0..n {
+            if let Some(d) = self.data.pop_front() {
+                self.total_size = self.total_size.saturating_sub(d.size() as u64);
+            }
         }
-        let n = (offset - self.absolute_offset).min(self.len()) as usize;
-        if n == 0 {
-            return;
-        }
-        let freed: u64 = self.data[..n].iter().map(|d| d.size() as u64).sum();
-        self.total_size = self.total_size.saturating_sub(freed);
-        self.absolute_offset += n as u64;
-        if n == self.data.len() {
-            // Give the whole buffer back: a quiet filter's log then costs nothing.
-            self.data = Vec::new();
-        } else {
-            self.data.drain(..n);
-            if self.data.capacity() > 4 * self.data.len() + 64 {
+        self.absolute_offset += n;
+        if n > 0 {
+            if self.data.is_empty() {
+                // Give the whole buffer back: a quiet filter's log then costs nothing.
+                self.data = VecDeque::new();
+            } else if self.data.capacity() > 4 * self.data.len() + 64 {
                 self.data.shrink_to(2 * self.data.len());
             }
         }
+        n
     }
 }
 
