@@ -565,6 +565,15 @@ fn next_poll(mut events: LinkEvents, delay: Option<Duration>) -> PollFuture {
 
 /// Replies whose answers the console may want to explain, per call.
 const PROGRESS_KEPT: usize = 64;
+/// Where an action stands in a job's course: later steps rest on earlier ones.
+fn step(a: JobAction) -> u8 {
+    match a {
+        JobAction::Accept | JobAction::Decline => 1,
+        JobAction::PickedUp => 2,
+        JobAction::Completed => 3,
+    }
+}
+
 /// Pickup codes kept for calls the courier may get (a simulated courier sees few calls).
 const CODES_KEPT: usize = 256;
 /// The longest wait before an unanswered reply is sent again.
@@ -1061,15 +1070,30 @@ impl Runner {
             .filter(|_| !transient)
             .and_then(|r| self.awaiting_answer.remove(r))
         {
-            if !ok && self.progress.get(&call) == Some(&action) {
-                // Refused (wrong code, out of order…): the courier may try again.
+            // Refused (wrong code, out of order…): the courier may try again. A later
+            // step taken before the answer (a completion right after the pickup) rests on
+            // the refused one, so it goes back too.
+            let built_on = self
+                .progress
+                .get(&call)
+                .is_some_and(|p| step(*p) >= step(action));
+            if !ok && built_on {
                 match before {
                     Some(b) => {
-                        self.progress.insert(call, b);
+                        self.progress.insert(call.clone(), b);
                     }
                     None => {
                         self.progress.remove(&call);
                     }
+                }
+                // Steps armed on top of the refused one cannot be taken now; dropping them
+                // lets the next job message or code arm the policy again.
+                self.timers.retain(|t| t.call_id != call);
+                if code.as_deref() == Some("wrong_code") {
+                    // Trying the same code again is pointless: wait for a new one.
+                    self.codes.remove(&call);
+                    self.codes_order.retain(|c| c != &call);
+                    self.job_code = None;
                 }
             }
         }
@@ -1324,6 +1348,10 @@ impl Runner {
                 self.codes.insert(call_id.clone(), code);
                 if let Some(job) = self.job.clone() {
                     if job.call_id.as_deref() == Some(call_id.as_str()) {
+                        // A pickup armed with an older code waits for this one instead.
+                        self.timers.retain(|t| {
+                            !(t.call_id == call_id && matches!(t.action, Action::PickedUp(_)))
+                        });
                         self.apply_policy(&job);
                     }
                 }

@@ -776,3 +776,68 @@ async fn a_code_handed_over_lets_the_policy_pick_up_and_complete() {
     assert_eq!(p.json["pickup_code"], "654321");
     agent.shutdown().await;
 }
+
+/// Plays the daemon refusing a reply.
+async fn answer_refused(w: &Watcher, cid: &str, reply_id: &str, code: &str) {
+    w.publish(
+        &topics().courier_replies(cid),
+        &json!({"ok": false, "correlation_id": reply_id,
+                "error": {"code": code, "message": "refused by the test"}}),
+        false,
+    )
+    .await;
+}
+
+/// A pickup the daemon refuses for a wrong code drops the completion the policy armed on
+/// top of it, forgets that code (a job message seen again does not try it again), and a
+/// new code lets the policy pick up and complete. Before, the armed completion blocked
+/// the new code's pickup, then was skipped, and the call stayed open for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_automatic_pickup_waits_for_a_new_code_then_completes() {
+    let broker = Mosquitto::start();
+    let t = topics();
+    let w = Watcher::start(broker.port, &[t.courier_job_reply("k10")]).await;
+    let (tx, _events) = mpsc::channel(256);
+    let mut cfg = agent_config(&broker.url(), "k10", QueueStore::Memory);
+    cfg.policy.auto_answer = true;
+    // Long enough that the completion armed after the pickup is still waiting when the
+    // refusal and the new code arrive.
+    cfg.policy.complete_after = Some(Duration::from_secs(2));
+    let agent = Agent::spawn(cfg, tx).unwrap();
+    agent
+        .wait_for(DEADLINE, |s| s.link == LinkState::Online)
+        .await
+        .unwrap();
+    agent.provide_code("c-910", "111111").await.unwrap();
+    w.publish(&t.courier_job("k10"), &assigned("c-910"), true)
+        .await;
+    let picked_up = |m: &Msg| m.json["action"] == "picked_up" && m.json["call_id"] == "c-910";
+    let first = w.wait("picked_up c-910", picked_up).await;
+    assert_eq!(first.json["pickup_code"], "111111");
+    let first_id = first.json["reply_id"].as_str().unwrap().to_string();
+    answer_refused(&w, "k10", &first_id, "wrong_code").await;
+    agent.wait_for(DEADLINE, |s| s.queued == 0).await.unwrap();
+    // The daemon sends the job again (as it does when a handheld comes back online):
+    // the refused code is not tried again. Then the courier gets the right code.
+    w.publish(&t.courier_job("k10"), &assigned("c-910"), true)
+        .await;
+    agent.wait_for(DEADLINE, |s| s.job.is_some()).await.unwrap();
+    agent.provide_code("c-910", "222222").await.unwrap();
+    let second = w
+        .wait("picked_up c-910 with the new code", |m| {
+            picked_up(m) && m.json["reply_id"] != first_id.as_str()
+        })
+        .await;
+    assert_eq!(second.json["pickup_code"], "222222");
+    answer_ok(&w, "k10", second.json["reply_id"].as_str().unwrap()).await;
+    let mut picked = assigned("c-910");
+    picked["kind"] = json!("picked_up");
+    w.publish(&t.courier_job("k10"), &picked, true).await;
+    w.wait("completed c-910", |m| {
+        m.json["action"] == "completed" && m.json["call_id"] == "c-910"
+    })
+    .await;
+    // Two pickups in all: the refused one and the one with the new code.
+    assert_eq!(w.all().iter().filter(|m| picked_up(m)).count(), 2);
+    agent.shutdown().await;
+}
