@@ -865,14 +865,14 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         }
         let settle_s = t0.elapsed().as_secs_f64();
         let m = Memory::read(Some(pid));
-        child.trim()?;
+        let trim_ms = child.trim()?;
         let trimmed = Memory::read(Some(pid));
         println!(
             "{:<10} with {n} couriers online: RSS {:.1} MiB (heap and stacks {:.1}, files {:.1}; peak {:.1}); recorded in {:.1} s ({sends} announcements)",
             "", m.rss_mib, m.anon_mib, m.file_mib, m.peak_rss_mib, settle_s
         );
         println!(
-            "{:<10} after the allocator returned free pages (malloc_trim): RSS {:.1} MiB (heap and stacks {:.1})",
+            "{:<10} after the allocator returned free pages (malloc_trim, {trim_ms:.1} ms): RSS {:.1} MiB (heap and stacks {:.1})",
             "", trimmed.rss_mib, trimmed.anon_mib
         );
         out.push(json!({
@@ -884,6 +884,7 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             "rss_after_republish_mib": idle.rss_mib, "peak_rss_after_republish_mib": idle.peak_rss_mib,
             "rss_mib": m.rss_mib, "anon_mib": m.anon_mib, "file_mib": m.file_mib,
             "peak_rss_mib": m.peak_rss_mib, "rss_after_trim_mib": trimmed.rss_mib,
+            "malloc_trim_ms": trim_ms,
             "couriers_recorded_s": settle_s, "announcements_sent": sends,
         }));
         drop(conn);

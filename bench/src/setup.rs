@@ -237,20 +237,20 @@ impl DaemonChild {
     }
 
     /// Asks it to hand free heap pages back to the system (glibc `malloc_trim`) and waits
-    /// until it has.
-    pub fn trim(&mut self) -> anyhow::Result<()> {
+    /// until it has; returns how long the call took in the child, in milliseconds.
+    pub fn trim(&mut self) -> anyhow::Result<f64> {
         if let Some(s) = self.stdin.as_mut() {
             s.write_all(b"trim\n")?;
             s.flush()?;
         }
         if let Some(lines) = self.lines.as_mut() {
             for l in lines.by_ref() {
-                if l?.trim() == "TRIMMED" {
-                    break;
+                if let Some(ms) = l?.trim().strip_prefix("TRIMMED ") {
+                    return Ok(ms.parse()?);
                 }
             }
         }
-        Ok(())
+        anyhow::bail!("the daemon child stopped before trimming")
     }
 
     /// Messages published, couriers online and store jobs done so far.
@@ -367,8 +367,9 @@ pub fn run_child(started: Instant, site: &str, db: &Path, url: Option<&str>) -> 
                     // Hands free heap pages back to the system, so that the resident set
                     // shows what is live rather than what the allocator keeps.
                     // SAFETY: malloc_trim only walks the allocator's own free lists.
+                    let t0 = Instant::now();
                     unsafe { libc::malloc_trim(0) };
-                    println!("TRIMMED");
+                    println!("TRIMMED {:.3}", t0.elapsed().as_secs_f64() * 1e3);
                 }
                 "stats" => println!(
                     "STATS {} {} {}",
