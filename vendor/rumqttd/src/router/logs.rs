@@ -478,7 +478,9 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // pickupd patch: no room reserved up front (upstream: 10 requests, about 1 KiB per
+        // filter); most filters have one subscriber, a handheld's own job topic.
+        let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
