@@ -523,8 +523,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // pickupd patch: grows as used (see `Outgoing::new`).
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
