@@ -7,35 +7,14 @@
 //!  cargo run --release -p pickup-broker --example connections -- [N] [K]`
 //! (default 2000 clients, 300 messages each).
 
+mod support;
+
 use std::io::Write;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pickup_protocol::client::{link, BrokerUrl, Link, LinkEvent, LinkEvents, LinkOptions};
-
-type Error = Box<dyn std::error::Error>;
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-async fn connect(url: &BrokerUrl, id: &str) -> Result<(Link, LinkEvents), Error> {
-    let (l, mut ev) = link(&LinkOptions::new(url.clone(), id));
-    loop {
-        if let LinkEvent::Connected { .. } = ev.poll().await? {
-            return Ok((l, ev));
-        }
-    }
-}
+use pickup_protocol::client::BrokerUrl;
+use support::{connect, handhelds, publish_jobs, rss_mib, Error};
 
 struct Broker(Child);
 
@@ -76,7 +55,7 @@ async fn main() -> Result<(), Error> {
         n + 100
     )?;
     let broker = Broker(Command::new(&bin).arg("--config").arg(&conf).spawn()?);
-    let pid = broker.0.id();
+    let pid = broker.0.id().to_string();
     let url = BrokerUrl::parse(&format!("127.0.0.1:{port}"))?;
     let t0 = Instant::now();
     let (p, mut pev) = loop {
@@ -86,68 +65,18 @@ async fn main() -> Result<(), Error> {
             _ => return Err(format!("{} did not accept connections", bin.display()).into()),
         }
     };
-    let idle = rss_mib(pid);
+    let idle = rss_mib(&pid);
 
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut clients = Vec::new();
-    for i in 0..n {
-        let (l, mut ev) = connect(&url, &format!("handheld-{i}")).await?;
-        l.subscribe_many(&[format!("jobs/{i}")]).await?;
-        loop {
-            if let LinkEvent::SubAck = ev.poll().await? {
-                break;
-            }
-        }
-        let done = done_tx.clone();
-        clients.push(tokio::spawn(async move {
-            let _keep = l;
-            let mut got = 0;
-            while let Ok(e) = ev.poll().await {
-                if let LinkEvent::Message(_) = e {
-                    got += 1;
-                    if got == k {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        }));
-    }
-    let connected = rss_mib(pid);
+    let (clients, mut done_rx) = handhelds(&url, n, k).await?;
+    let connected = rss_mib(&pid);
 
-    let publishing = async {
-        for round in 0..k {
-            for i in 0..n {
-                let payload = format!("{{\"job\":{round},\"pad\":\"{}\"}}", "x".repeat(280));
-                p.publish(
-                    &format!("jobs/{i}"),
-                    true,
-                    false,
-                    payload.into_bytes(),
-                    None,
-                )
-                .await?;
-            }
-        }
-        Ok::<(), Error>(())
-    };
-    let acking = async {
-        let mut acked = 0;
-        while acked < n * k {
-            if let LinkEvent::PubAck(_) = pev.poll().await? {
-                acked += 1;
-            }
-        }
-        Ok::<(), Error>(())
-    };
-    let (a, b) = tokio::join!(publishing, acking);
-    a?;
-    b?;
+    publish_jobs(&p, &mut pev, n, k).await?;
     for _ in 0..n {
         done_rx.recv().await.ok_or("a client stopped")?;
     }
     // The broker frees what was read at most once a second.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_mib(pid);
+    let after = rss_mib(&pid);
     let per = |a: f64, b: f64| (b - a) * 1024.0 / n as f64;
     println!("broker process: idle {idle:.1} MiB");
     println!(

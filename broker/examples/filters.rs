@@ -5,37 +5,11 @@
 //!
 //! `cargo run --release -p pickup-broker --example filters -- [N]` (default 10000).
 
+mod support;
+
 use pickup_broker::{Broker, BrokerConfig};
-use pickup_protocol::client::{link, BrokerUrl, Link, LinkEvent, LinkEvents, LinkOptions};
-
-type Error = Box<dyn std::error::Error>;
-
-async fn connect(url: &BrokerUrl, id: &str) -> Result<(Link, LinkEvents), Error> {
-    let (l, mut ev) = link(&LinkOptions::new(url.clone(), id));
-    loop {
-        if let LinkEvent::Connected { .. } = ev.poll().await? {
-            return Ok((l, ev));
-        }
-    }
-}
-
-/// Heap in use (every arena, mmapped chunks too) and resident set, in MiB.
-fn memory() -> (f64, f64) {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    let m = unsafe { libc::mallinfo2() };
-    let heap = (m.uordblks + m.hblkhd) as f64 / 1048576.0;
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0;
-    (heap, rss)
-}
+use pickup_protocol::client::{BrokerUrl, LinkEvent};
+use support::{connect, memory, publish_jobs, suback, Error};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
@@ -57,31 +31,11 @@ async fn main() -> Result<(), Error> {
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         let filters: Vec<String> = chunk.iter().map(|i| format!("jobs/{i}")).collect();
         sub.subscribe_many(&filters).await?;
-        loop {
-            if let LinkEvent::SubAck = sev.poll().await? {
-                break;
-            }
-        }
+        suback(&mut sev).await?;
     }
     let (heap1, rss1) = memory();
 
     // One message on each, all received (and acknowledged).
-    let publishing = async {
-        for i in 0..n {
-            p.publish(&format!("jobs/{i}"), true, false, vec![b'j'; 300], None)
-                .await?;
-        }
-        Ok::<(), Error>(())
-    };
-    let acking = async {
-        let mut acked = 0;
-        while acked < n {
-            if let LinkEvent::PubAck(_) = pev.poll().await? {
-                acked += 1;
-            }
-        }
-        Ok::<(), Error>(())
-    };
     let receiving = async {
         let mut got = 0;
         while got < n {
@@ -91,10 +45,9 @@ async fn main() -> Result<(), Error> {
         }
         Ok::<(), Error>(())
     };
-    let (a, b, c) = tokio::join!(publishing, acking, receiving);
+    let (a, b) = tokio::join!(publish_jobs(&p, &mut pev, n, 1), receiving);
     a?;
     b?;
-    c?;
     let (heap2, rss2) = memory();
     let per = |a: f64, b: f64| (b - a) * 1048576.0 / n as f64 / 1024.0;
     println!("{n} distinct filters:");

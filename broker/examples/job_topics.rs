@@ -8,39 +8,13 @@
 //! `cargo run --release -p pickup-broker --example job_topics -- [N] [K]`
 //! (default 100 handhelds, 2000 messages each).
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use pickup_broker::{Broker, BrokerConfig};
-use pickup_protocol::client::{link, BrokerUrl, Link, LinkEvent, LinkEvents, LinkOptions};
-
-type Error = Box<dyn std::error::Error>;
-
-async fn connect(url: &BrokerUrl, id: &str) -> Result<(Link, LinkEvents), Error> {
-    let (l, mut ev) = link(&LinkOptions::new(url.clone(), id));
-    loop {
-        if let LinkEvent::Connected { .. } = ev.poll().await? {
-            return Ok((l, ev));
-        }
-    }
-}
-
-/// Heap in use (every arena, mmapped chunks too) and resident set, in MiB.
-fn memory() -> (f64, f64) {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    let m = unsafe { libc::mallinfo2() };
-    let heap = (m.uordblks + m.hblkhd) as f64 / 1048576.0;
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0;
-    (heap, rss)
-}
+use pickup_protocol::client::BrokerUrl;
+use support::{connect, handhelds, memory, publish_jobs, Error};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
@@ -53,63 +27,12 @@ async fn main() -> Result<(), Error> {
     })?;
     let url = BrokerUrl::parse(&broker.v4_url())?;
 
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut readers = Vec::new();
-    for i in 0..n {
-        let (l, mut ev) = connect(&url, &format!("handheld-{i}")).await?;
-        l.subscribe_many(&[format!("jobs/{i}")]).await?;
-        loop {
-            if let LinkEvent::SubAck = ev.poll().await? {
-                break;
-            }
-        }
-        let done = done_tx.clone();
-        readers.push(tokio::spawn(async move {
-            let _keep = l;
-            let mut got = 0;
-            // Polls for good (acknowledging), so that the subscription stays.
-            while let Ok(e) = ev.poll().await {
-                if let LinkEvent::Message(_) = e {
-                    got += 1;
-                    if got == k {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        }));
-    }
+    let (readers, mut done_rx) = handhelds(&url, n, k).await?;
     let (before_heap, before_rss) = memory();
 
     let (p, mut pev) = connect(&url, "daemon").await?;
     let t0 = Instant::now();
-    let publishing = async {
-        for round in 0..k {
-            for i in 0..n {
-                let payload = format!("{{\"job\":{round},\"pad\":\"{}\"}}", "x".repeat(280));
-                p.publish(
-                    &format!("jobs/{i}"),
-                    true,
-                    false,
-                    payload.into_bytes(),
-                    None,
-                )
-                .await?;
-            }
-        }
-        Ok::<(), Error>(())
-    };
-    let mut acked = 0;
-    let acking = async {
-        while acked < n * k {
-            if let LinkEvent::PubAck(_) = pev.poll().await? {
-                acked += 1;
-            }
-        }
-        Ok::<(), Error>(())
-    };
-    let (a, b) = tokio::join!(publishing, acking);
-    a?;
-    b?;
+    publish_jobs(&p, &mut pev, n, k).await?;
     let sent = t0.elapsed();
     for _ in 0..n {
         done_rx.recv().await.ok_or("a reader stopped")?;
