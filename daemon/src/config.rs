@@ -224,6 +224,11 @@ pub struct Limits {
     /// Open (unfinished) calls one kiosk may have; beyond it its new calls get `busy`, so
     /// one broken or hostile kiosk cannot fill the daemon. 0 = no limit.
     pub max_open_per_kiosk: usize,
+    /// Milliseconds: a courier's positions are taken at most once per this interval; the
+    /// newest of those in between is taken when it is up (none is lost, the rest are
+    /// dropped). Keeps a handheld that loops on its position from turning into a stream
+    /// of commits. 0 = take every position.
+    pub position_interval_ms: u64,
 }
 
 impl Default for Limits {
@@ -233,6 +238,7 @@ impl Default for Limits {
             read_queue: 1024,
             max_dispatching: 5000,
             max_open_per_kiosk: 200,
+            position_interval_ms: 1000,
         }
     }
 }
@@ -418,6 +424,12 @@ impl Config {
         if self.limits.read_queue == 0 {
             return Err(invalid("limits.read_queue", "must be at least 1"));
         }
+        if self.limits.position_interval_ms > 3_600_000 {
+            return Err(invalid(
+                "limits.position_interval_ms",
+                "must be at most 3600000 (one hour); positions older than dispatch.location_max_age_s are not used anyway",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         self.notifications
@@ -533,6 +545,15 @@ mod tests {
         assert!(e.to_string().contains("dispatch.radius_m"), "{e}");
         let e = Config::load(Some(&f), env(&[("PICKUPD__DISPATCH__RADIUS_M", "far")])).unwrap_err();
         assert!(e.to_string().contains("radius_m"), "{e}");
+        let e = Config::load(
+            Some(&f),
+            env(&[("PICKUPD__LIMITS__POSITION_INTERVAL_MS", "7200000")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("limits.position_interval_ms:"),
+            "{e}"
+        );
         std::fs::write(&f, "[dispatch]\nradius = 3\n").unwrap();
         let e = Config::load(Some(&f), []).unwrap_err();
         assert!(e.to_string().contains("radius"), "{e}");

@@ -47,8 +47,11 @@ pub struct Metrics {
     pub shed_total: Counter,
     /// Messages refused as malformed or invalid.
     pub rejected_total: Counter,
+    /// Courier positions held back or replaced (`limits.position_interval_ms`).
+    pub positions_coalesced_total: Counter,
     shed_seen: AtomicU64,
     rejected_seen: AtomicU64,
+    positions_seen: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -83,8 +86,10 @@ impl Metrics {
             admission_state: Gauge::default(),
             shed_total: Counter::default(),
             rejected_total: Counter::default(),
+            positions_coalesced_total: Counter::default(),
             shed_seen: AtomicU64::new(0),
             rejected_seen: AtomicU64::new(0),
+            positions_seen: AtomicU64::new(0),
         };
         registry.register("call_events", "Call events by kind", events);
         registry.register(
@@ -137,6 +142,11 @@ impl Metrics {
             "Messages refused as malformed or invalid",
             m.rejected_total.clone(),
         );
+        registry.register(
+            "positions_coalesced",
+            "Courier positions held back or replaced by a newer one (limits.position_interval_ms)",
+            m.positions_coalesced_total.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -162,6 +172,10 @@ impl Metrics {
         let rejected = live.mqtt.rejected.load(Ordering::Relaxed);
         let before = self.rejected_seen.swap(rejected, Ordering::Relaxed);
         self.rejected_total.inc_by(rejected.saturating_sub(before));
+        let positions = live.mqtt.positions_coalesced.load(Ordering::Relaxed);
+        let before = self.positions_seen.swap(positions, Ordering::Relaxed);
+        self.positions_coalesced_total
+            .inc_by(positions.saturating_sub(before));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

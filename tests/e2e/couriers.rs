@@ -1434,3 +1434,51 @@ async fn a_fleet_killed_mid_stream_comes_back_and_no_courier_holds_two_jobs() {
     );
     assert!(r.completed > 0);
 }
+
+/// A handheld that loops on its position costs the daemon one position per
+/// `limits.position_interval_ms`, not one store job (at low load, one commit and fsync)
+/// per message; the position kept is the newest one sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_courier_flooding_its_position_costs_one_per_interval_and_the_newest_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.limits.position_interval_ms = 500;
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let c = TestCourier::online(d.broker_addr, "test", "loop", "scooter", 37.5, 127.0).await;
+    courier_known(&db, "loop").await;
+
+    let jobs_before = d.writer_stats.jobs.load(Ordering::Relaxed);
+    let coalesced_before = d.mqtt.positions_coalesced.load(Ordering::Relaxed);
+    let n = 2000u32;
+    let lat = |i: u32| 37.5 + f64::from(i) * 1e-5;
+    let started = Instant::now();
+    for i in 1..=n {
+        c.locate(lat(i), 127.0).await;
+    }
+    let last = format!("\"lat\":{}", lat(n));
+    wait_until("the newest position is stored", || async {
+        open_db(&db)
+            .query_row("SELECT body FROM couriers WHERE id = 'loop'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .is_ok_and(|b| b.contains(&last))
+    })
+    .await;
+    // The daemon got every position within this time (the newest one is stored).
+    let window = started.elapsed();
+
+    // One position per 500 ms of that window, the first at once, and a margin of two
+    // for the boundaries; without the gate every position is a store job of its own.
+    let allowed = u64::try_from(window.as_millis() / 500).unwrap_or(u64::MAX) + 3;
+    let jobs = d.writer_stats.jobs.load(Ordering::Relaxed) - jobs_before;
+    assert!(
+        jobs <= allowed,
+        "{jobs} store jobs for {n} positions received within {window:?} (at most {allowed} expected)"
+    );
+    let coalesced = d.mqtt.positions_coalesced.load(Ordering::Relaxed) - coalesced_before;
+    assert!(
+        coalesced >= u64::from(n) - allowed,
+        "{coalesced} of {n} positions coalesced"
+    );
+}

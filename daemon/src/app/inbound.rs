@@ -47,6 +47,20 @@ pub struct Live {
     pub admission: super::admission::AdmissionConfig,
     /// Calls waiting for a courier before new calls are refused.
     pub max_dispatching: usize,
+    /// One position per courier per this many milliseconds (`limits.position_interval_ms`).
+    pub position_interval_ms: u64,
+}
+
+impl Live {
+    /// The live settings of `c`.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            heavy_kg: c.dispatch.heavy_kg,
+            admission: c.admission.clone(),
+            max_dispatching: c.limits.max_dispatching,
+            position_interval_ms: c.limits.position_interval_ms,
+        }
+    }
 }
 
 /// A status read for the reader.
@@ -71,6 +85,8 @@ pub struct MqttState {
     pub rejected: AtomicU64,
     /// Creates refused with `busy`.
     pub shed: AtomicU64,
+    /// Courier positions held back or replaced by a newer one ([`super::positions`]).
+    pub positions_coalesced: AtomicU64,
     /// The status-read connection is up.
     pub reads_connected: AtomicBool,
     /// Its subscription is confirmed.
@@ -109,6 +125,8 @@ pub struct InboundCtx {
     pub beat: crate::systemd::Heartbeat,
     /// Status reads arrive on their own connection ([`super::reads`]), not this one.
     pub read_link: bool,
+    /// Courier positions, one per courier per interval (owned by this task).
+    pub positions: super::positions::PositionGate,
 }
 
 /// Runs until told to stop or the client is closed.
@@ -119,19 +137,26 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
     let mut stop = ctx.stop.clone();
     let mut idle = tokio::time::interval(Duration::from_secs(1));
     loop {
+        let held_due = ctx.positions.next_due();
         let ev = tokio::select! {
             ev = events.poll() => ev,
             _ = stop.wait_for(|s| *s) => return,
+            _ = sleep_until_ms(held_due.unwrap_or(0)), if held_due.is_some() => {
+                release_positions(&mut ctx);
+                continue;
+            }
             _ = idle.tick() => {
                 ctx.beat.beat();
                 let now = crate::store::now_ms();
                 let (state, t) = ctx.admission.state(now);
                 report_admission(&ctx, state, t);
+                release_positions(&mut ctx);
                 continue;
             }
             _ = live.changed() => {
                 let l = live.borrow_and_update().clone();
                 ctx.admission.set_config(l.admission);
+                ctx.positions.set_interval(i64::try_from(l.position_interval_ms).unwrap_or(i64::MAX));
                 continue;
             }
         };
@@ -203,6 +228,19 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
                 }
             }
         }
+    }
+}
+
+/// Sleeps until the wall-clock time `at_ms` (`store::now_ms`).
+async fn sleep_until_ms(at_ms: pickup_protocol::Millis) {
+    let wait = at_ms.saturating_sub(crate::store::now_ms()).max(0);
+    tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))).await;
+}
+
+/// Hands the held positions whose interval is up to the dispatch loop.
+fn release_positions(ctx: &mut InboundCtx) {
+    for (cid, l) in ctx.positions.take_due(crate::store::now_ms()) {
+        let _ = ctx.dispatch.try_send(Input::Location(cid, l));
     }
 }
 
@@ -472,9 +510,16 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
                         .map_err(|e| ErrorBody::new(ErrorCode::Invalid, e))
                 }) {
                 Ok(l) => {
-                    // Positions are frequent and superseded by the next one: shed them
-                    // first when the loop is saturated.
-                    let _ = ctx.dispatch.try_send(Input::Location(cid.to_string(), l));
+                    let now = crate::store::now_ms();
+                    let passed = ctx.positions.offer(cid, l, now);
+                    ctx.state
+                        .positions_coalesced
+                        .store(ctx.positions.coalesced(), Ordering::Relaxed);
+                    if let Some(l) = passed {
+                        // Positions are frequent and superseded by the next one: shed
+                        // them first when the loop is saturated.
+                        let _ = ctx.dispatch.try_send(Input::Location(cid.to_string(), l));
+                    }
                 }
                 Err(e) => bad(ctx, &m.topic, ReplyPath::default(), e),
             }

@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod inbound;
+pub mod positions;
 pub mod publisher;
 pub mod reads;
 
@@ -94,11 +95,7 @@ impl Running {
     /// tariff, templates, log level) and returns the changed ones that need a restart.
     pub async fn reload(&mut self, new: Config) -> Vec<&'static str> {
         let restart = self.config.needs_restart(&new);
-        let _ = self.heavy_kg.send(inbound::Live {
-            heavy_kg: new.dispatch.heavy_kg,
-            admission: new.admission.clone(),
-            max_dispatching: new.limits.max_dispatching,
-        });
+        let _ = self.heavy_kg.send(inbound::Live::from_config(&new));
         crate::logging::set_level(&new.log.level);
         if self
             .dispatch
@@ -328,12 +325,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (dispatch_tx, dispatch_rx) = mpsc::channel::<Input>(cfg.limits.inbound_queue);
     let dispatch_tx_for_reload = dispatch_tx.clone();
     let cfg_for_reload = cfg.clone();
-    let live = |c: &Config| inbound::Live {
-        heavy_kg: c.dispatch.heavy_kg,
-        admission: c.admission.clone(),
-        max_dispatching: c.limits.max_dispatching,
-    };
-    let (heavy_tx, heavy_rx) = watch::channel(live(&cfg));
+    let (heavy_tx, heavy_rx) = watch::channel(inbound::Live::from_config(&cfg));
     let heavy_tx_for_reload = heavy_tx.clone();
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -365,6 +357,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             stop: stop_rx,
             beat: heartbeats.register("mqtt"),
             read_link: read_link.is_some(),
+            positions: positions::PositionGate::new(
+                i64::try_from(cfg.limits.position_interval_ms).unwrap_or(i64::MAX),
+            ),
         },
     ));
     let reads_link = match read_link {
