@@ -150,6 +150,12 @@ pub struct MqttConfig {
     /// (client id and username `<client_id>.reads`, same secret), so that a flood of
     /// requests queued towards the main connection does not delay them.
     pub read_link: bool,
+    /// With the embedded broker and `version = 4`: the daemon's own connections run
+    /// inside the process (straight to the broker's router, no TCP, no MQTT encoding),
+    /// which takes a third or more off the broker's work per call. `false` connects
+    /// them over the loopback listener like any client (e.g. to watch them with a
+    /// packet capture).
+    pub in_process: bool,
 }
 
 impl Default for MqttConfig {
@@ -163,6 +169,7 @@ impl Default for MqttConfig {
             keep_alive_s: 15,
             reconnect_max_ms: 5_000,
             read_link: true,
+            in_process: true,
         }
     }
 }

@@ -313,6 +313,50 @@ pub enum LinkEvent {
     Other,
 }
 
+/// A boxed future, for the in-process transport's object-safe traits.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The sending side of an in-process connection to a broker in the same process (the
+/// embedded broker's router, without TCP or MQTT encoding); see
+/// `pickup_broker::Broker::connect_in_process`. It must behave like the network client
+/// as seen through [`Link`]: QoS 1 publishes are numbered, and every publish is reported
+/// by [`LocalEvents::poll`] as [`LinkEvent::PublishSent`] in the order of the calls
+/// (packet id 0 for QoS 0).
+pub trait LocalLink: Send + Sync + 'static {
+    /// Hands a publish to the broker.
+    fn publish(
+        &self,
+        topic: &str,
+        qos1: bool,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'_, Result<(), LinkError>>;
+    /// Subscribes to every filter with QoS 1 (retained messages are sent on subscribe).
+    fn subscribe(&self, filters: &[String]) -> BoxFuture<'_, Result<(), LinkError>>;
+    /// Unsubscribes from `filter`.
+    fn unsubscribe(&self, filter: &str) -> BoxFuture<'_, Result<(), LinkError>>;
+    /// Ends the connection (no last will).
+    fn disconnect(&self) -> BoxFuture<'_, Result<(), LinkError>>;
+}
+
+/// The event side of a [`LocalLink`].
+pub trait LocalEvents: Send + 'static {
+    /// Next event, as [`LinkEvents::poll`] reports them.
+    fn poll(&mut self) -> BoxFuture<'_, Result<LinkEvent, LinkError>>;
+}
+
+/// A [`Link`] and its [`LinkEvents`] over an in-process transport.
+pub fn local_link(link: Arc<dyn LocalLink>, events: Box<dyn LocalEvents>) -> (Link, LinkEvents) {
+    (
+        Link {
+            inner: LinkClient::Local(link),
+        },
+        LinkEvents {
+            inner: LinkLoop::Local(events),
+        },
+    )
+}
+
 /// A cloneable handle to publish and subscribe.
 #[derive(Clone)]
 pub struct Link {
@@ -323,6 +367,7 @@ pub struct Link {
 enum LinkClient {
     V4(rumqttc::AsyncClient),
     V5(rumqttc::v5::AsyncClient),
+    Local(Arc<dyn LocalLink>),
 }
 
 /// The event loop; must be polled continuously.
@@ -335,6 +380,7 @@ pub struct LinkEvents {
 enum LinkLoop {
     V4(Box<rumqttc::EventLoop>, VecDeque<rumqttc::Request>),
     V5(Box<rumqttc::v5::EventLoop>, VecDeque<rumqttc::v5::Request>),
+    Local(Box<dyn LocalEvents>),
 }
 
 /// What rumqttc set aside when the connection broke, held until the next CONNACK.
@@ -516,6 +562,7 @@ impl Link {
                 }
             }
             .map_err(|e| LinkError::Closed(e.to_string())),
+            LinkClient::Local(l) => l.publish(topic, qos1, retain, payload).await,
         }
     }
 
@@ -541,6 +588,7 @@ impl Link {
                 )
                 .await
                 .map_err(|e| LinkError::Closed(e.to_string())),
+            LinkClient::Local(l) => l.subscribe(filters).await,
         }
     }
 
@@ -556,6 +604,7 @@ impl Link {
                 .unsubscribe(filter)
                 .await
                 .map_err(|e| LinkError::Closed(e.to_string())),
+            LinkClient::Local(l) => l.unsubscribe(filter).await,
         }
     }
 
@@ -570,6 +619,7 @@ impl Link {
                 .disconnect()
                 .await
                 .map_err(|e| LinkError::Closed(e.to_string())),
+            LinkClient::Local(l) => l.disconnect().await,
         }
     }
 
@@ -652,6 +702,7 @@ impl LinkEvents {
                     _ => LinkEvent::Other,
                 })
             }
+            LinkLoop::Local(ev) => ev.poll().await,
         }
     }
 }

@@ -238,7 +238,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         retain: true,
         delay_s: None,
     });
-    let (link, events) = client::link(&lo);
+    // With the embedded broker (MQTT 3.1.1), the daemon's connections skip TCP.
+    let in_process = broker
+        .as_ref()
+        .filter(|_| cfg.mqtt.in_process && lo.version == Version::V4);
+    let (link, events) = match in_process {
+        Some(b) => b
+            .connect_in_process(&lo.client_id, lo.clean_session)
+            .context("in-process connection to the embedded broker")?,
+        None => client::link(&lo),
+    };
     // The status-read connection: its own identity (same secret), a clean session (a
     // status request nobody answered in time is retried by its kiosk), no last will.
     let read_link = cfg.mqtt.read_link.then(|| {
@@ -252,8 +261,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .credentials
             .as_ref()
             .map(|(u, p)| (crate::security::registry::reads_identity(u), p.clone()));
-        client::link(&ro)
+        match in_process {
+            Some(b) => b
+                .connect_in_process(&ro.client_id, ro.clean_session)
+                .context("in-process status-read connection to the embedded broker"),
+            None => Ok(client::link(&ro)),
+        }
     });
+    let read_link = read_link.transpose()?;
 
     // Writer and publisher.
     let (committed_tx, mut committed_rx) = mpsc::unbounded_channel();

@@ -203,7 +203,10 @@ impl LinkTx {
         Ok(len)
     }
 
-    pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
+    /// pickupd patch: public, so that an in-process client can queue packets with
+    /// [`LinkTx::buffer`] and tell the router without blocking its thread (`send` and
+    /// `publish` block on the router's bounded channel when it is full).
+    pub async fn notify(&mut self) -> Result<(), LinkError> {
         self.router_tx
             .send_async((self.connection_id, Event::DeviceData))
             .await?;

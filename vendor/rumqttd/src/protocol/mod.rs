@@ -178,6 +178,29 @@ pub struct Publish {
 }
 
 impl Publish {
+    /// pickupd patch: a publish at any QoS with its packet id, for an in-process client
+    /// that publishes at QoS 1 and takes the router's acknowledgements.
+    pub fn with_qos(topic: Bytes, payload: Bytes, qos: QoS, pkid: u16, retain: bool) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            pkid,
+            retain,
+            topic,
+            payload,
+        }
+    }
+
+    /// pickupd patch: the QoS it was delivered with.
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// pickupd patch: its packet id (0 at QoS 0).
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     // Constructor for publish. Used in local links as local links shouldn't
     // send qos 1 or 2 packets
     pub fn new<T: Into<Bytes>>(topic: T, payload: T, retain: bool) -> Publish {
