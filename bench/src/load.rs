@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pickup_protocol::client::{
-    link, Backoff, BrokerUrl, Link, LinkError, LinkEvent, LinkOptions, Requester, Will,
+    link, Backoff, BrokerUrl, Link, LinkError, LinkEvent, LinkEvents, LinkOptions, Requester, Will,
 };
 use pickup_protocol::{Job, JobKind, Topics};
 use rand::rngs::SmallRng;
@@ -718,19 +718,23 @@ async fn watch_states(
 }
 
 /// The baseline's responder: one client, like the daemon's (persistent session, same
-/// in-flight window); it answers each request on its `reply_to` topic with the
+/// in-flight window, in process when `local` is given, as the daemon's is with the
+/// embedded broker); it answers each request on its `reply_to` topic with the
 /// `correlation_id`, from a separate publishing task as the daemon does.
 pub async fn echo_responder(
     addr: SocketAddr,
     topic: String,
     ready: oneshot::Sender<()>,
     mut stop: watch::Receiver<bool>,
+    local: Option<(Link, LinkEvents)>,
 ) {
-    let mut lo = LinkOptions::new(url(addr), format!("bench-echo-{}", rand::random::<u32>()));
-    lo.clean_session = false;
-    lo.inflight = 100;
-    lo.channel_capacity = 4096;
-    let (l, mut ev) = link(&lo);
+    let (l, mut ev) = local.unwrap_or_else(|| {
+        let mut lo = LinkOptions::new(url(addr), format!("bench-echo-{}", rand::random::<u32>()));
+        lo.clean_session = false;
+        lo.inflight = 100;
+        lo.channel_capacity = 4096;
+        link(&lo)
+    });
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
     let pl = l.clone();
     let publisher = tokio::spawn(async move {

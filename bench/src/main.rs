@@ -77,6 +77,11 @@ struct Args {
     /// --mosquitto: set_tcp_nodelay false). Shows what the missing TCP_NODELAY costs.
     #[arg(long)]
     nagle: bool,
+    /// Embedded broker: connect the daemon (and the echo responder) over the loopback
+    /// listener instead of in process (`mqtt.in_process = false`). Shows what the
+    /// in-process connection saves.
+    #[arg(long, conflicts_with_all = ["mosquitto", "broker"])]
+    daemon_over_tcp: bool,
     /// Run the daemon without logging (by default it logs at info to DIR/pickupd.log, as
     /// in production, where each accepted call is one log line).
     #[arg(long)]
@@ -400,6 +405,7 @@ fn load_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         },
         (None, false) => BrokerChoice::Embedded {
             nodelay: !args.nagle,
+            in_process: !args.daemon_over_tcp,
         },
     };
     println!("== pickupd load run: {} ==", broker.describe());
@@ -673,11 +679,26 @@ fn scenario(
             // A trivial responder through the same broker, same client library and QoS.
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            // In process when the daemon is, so that the baseline's responder costs the
+            // broker what the daemon's connection does.
+            let local = match broker {
+                BrokerChoice::Embedded {
+                    in_process: true, ..
+                } => match running.broker.as_ref() {
+                    Some(b) => Some(b.connect_in_process(
+                        &format!("bench-echo-{}", rand::random::<u32>()),
+                        false,
+                    )?),
+                    None => None,
+                },
+                _ => None,
+            };
             let responder = tokio::spawn(load::echo_responder(
                 addr,
                 rig.echo_topic().to_string(),
                 ready_tx,
                 stop_rx,
+                local,
             ));
             tokio::time::timeout(Duration::from_secs(10), ready_rx).await??;
             let echo = measured(&rig, phase(true, None), broker_pid, None).await;

@@ -17,6 +17,9 @@ pub enum BrokerChoice {
     Embedded {
         /// TCP_NODELAY on accepted connections.
         nodelay: bool,
+        /// The daemon's connections (and the echo responder's) in process
+        /// (`mqtt.in_process`), else over the loopback listener.
+        in_process: bool,
     },
     /// Debian's Mosquitto, started by the benchmark.
     Mosquitto {
@@ -31,7 +34,17 @@ impl BrokerChoice {
     /// Short description for reports.
     pub fn describe(&self) -> String {
         match self {
-            Self::Embedded { nodelay } => format!("embedded rumqttd, tcp_nodelay = {nodelay}"),
+            Self::Embedded {
+                nodelay,
+                in_process,
+            } => format!(
+                "embedded rumqttd, tcp_nodelay = {nodelay}, daemon {}",
+                if *in_process {
+                    "in process"
+                } else {
+                    "over loopback TCP"
+                }
+            ),
             Self::Mosquitto { nodelay } => {
                 format!("mosquitto (started by the benchmark), set_tcp_nodelay {nodelay}")
             }
@@ -63,8 +76,13 @@ pub fn daemon_config(site: &str, db: &Path, broker: &BrokerChoice, url: Option<&
     c.admission.per_client_rate = 1e6;
     c.admission.per_client_burst = 1e6;
     c.limits.max_open_per_kiosk = 0;
-    if let BrokerChoice::Embedded { nodelay } = broker {
+    if let BrokerChoice::Embedded {
+        nodelay,
+        in_process,
+    } = broker
+    {
         c.broker.tcp_nodelay = *nodelay;
+        c.mqtt.in_process = *in_process;
     }
     if let Some(u) = url {
         c.mqtt.url = u.to_string();
@@ -328,7 +346,10 @@ impl Drop for DaemonChild {
 pub fn run_child(started: Instant, site: &str, db: &Path, url: Option<&str>) -> anyhow::Result<()> {
     let broker = match url {
         Some(u) => BrokerChoice::External(u.into()),
-        None => BrokerChoice::Embedded { nodelay: true },
+        None => BrokerChoice::Embedded {
+            nodelay: true,
+            in_process: true,
+        },
     };
     let cfg = daemon_config(site, db, &broker, url);
     let rt = tokio::runtime::Builder::new_multi_thread()
