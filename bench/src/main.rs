@@ -688,6 +688,7 @@ fn scenario(
                     Some(b) => Some(b.connect_in_process(
                         &format!("bench-echo-{}", rand::random::<u32>()),
                         false,
+                        100,
                     )?),
                     None => None,
                 },

@@ -263,12 +263,14 @@ impl Broker {
     }
 
     /// An MQTT connection to this broker from inside the process, without TCP (see
-    /// [`local`]): the same events as a network connection, for a fraction of the cost.
+    /// [`local`]): the same events as a network connection, for a fraction of the cost;
+    /// `inflight` QoS 1 publishes at most wait for the router's acknowledgement.
     /// Not authenticated: only for code running in this process.
     pub fn connect_in_process(
         &self,
         client_id: &str,
         clean_session: bool,
+        inflight: u16,
     ) -> Result<
         (
             pickup_protocol::client::Link,
@@ -276,7 +278,7 @@ impl Broker {
         ),
         pickup_protocol::client::LinkError,
     > {
-        local::open(self.connect.clone(), client_id, clean_session)
+        local::open(self.connect.clone(), client_id, clean_session, inflight)
     }
 
     /// The MQTT 3.1.1 listener's address (port 0 already resolved).

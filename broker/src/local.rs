@@ -26,20 +26,29 @@ use rumqttd::protocol::{
     RetainForwardRule, Subscribe, Unsubscribe,
 };
 use rumqttd::Notification;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, Semaphore};
 
 /// Builds a router connection: client id, clean session (the error as text).
 pub(crate) type Connect =
     Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
 
-/// Opens an in-process connection under `client_id`.
+/// Opens an in-process connection under `client_id`, with at most `inflight` QoS 1
+/// publishes not yet acknowledged by the router (as a network client's window: without
+/// it nothing would hold a fast publisher back, and the router's queues would grow).
 pub(crate) fn open(
     connect: Connect,
     client_id: &str,
     clean_session: bool,
+    inflight: u16,
 ) -> Result<(Link, LinkEvents), LinkError> {
     let (tx, rx, ack) = connect(client_id, clean_session).map_err(closed)?;
-    let shared = Arc::new(Shared::default());
+    let window = usize::from(inflight.max(1));
+    let shared = Arc::new(Shared {
+        sent: StdMutex::default(),
+        wake: Notify::new(),
+        window: Semaphore::new(window),
+        window_size: window,
+    });
     let sender = Arc::new(Sender {
         tx: Mutex::new(TxState { tx, next_pkid: 0 }),
         shared: shared.clone(),
@@ -74,12 +83,14 @@ fn first_event(ack: Notification) -> Option<LinkEvent> {
 }
 
 /// What the sending side tells the event side.
-#[derive(Default)]
 struct Shared {
     /// `PublishSent` events, in the order of the publishes.
     sent: StdMutex<VecDeque<LinkEvent>>,
     /// Wakes a poll waiting on the router.
     wake: Notify,
+    /// One permit per QoS 1 publish that may still go out; given back on its PUBACK.
+    window: Semaphore,
+    window_size: usize,
 }
 
 struct TxState {
@@ -117,6 +128,10 @@ impl LocalLink for Sender {
     ) -> BoxFuture<'_, Result<(), LinkError>> {
         let topic = Bytes::copy_from_slice(topic.as_bytes());
         Box::pin(async move {
+            if qos1 {
+                // Taken before the lock, so waiting for room blocks no other call.
+                self.shared.window.acquire().await.map_err(closed)?.forget();
+            }
             let mut st = self.tx.lock().await;
             let pkid = if qos1 { st.pkid() } else { 0 };
             // Reported before the router has the packet, so before it can be acknowledged.
@@ -231,10 +246,19 @@ impl Events {
         let mut st = self.sender.tx.lock().await;
         st.tx = tx;
         self.rx = rx;
+        // Publishes the old connection never acknowledged will not be: open the window.
+        let taken = self.shared.window_size - self.shared.window.available_permits();
+        self.give_back(taken);
         self.acks.clear();
         self.wake_router = false;
         self.broken = false;
         first_event(ack).ok_or_else(|| closed("no connection acknowledgement"))
+    }
+
+    /// Gives `n` permits back to the publish window, never beyond its size.
+    fn give_back(&self, n: usize) {
+        let room = self.shared.window_size - self.shared.window.available_permits();
+        self.shared.window.add_permits(n.min(room));
     }
 
     /// One notification from the router, as an event (None: nothing to report).
@@ -260,7 +284,10 @@ impl Events {
                     correlation_data,
                 })
             }
-            Packet::PubAck(a, _) => LinkEvent::PubAck(a.pkid),
+            Packet::PubAck(a, _) => {
+                self.give_back(1);
+                LinkEvent::PubAck(a.pkid)
+            }
             Packet::SubAck(..) => LinkEvent::SubAck,
             Packet::ConnAck(a, _) => LinkEvent::Connected {
                 session_present: a.session_present,

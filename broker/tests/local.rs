@@ -61,7 +61,7 @@ async fn publishes_are_reported_sent_then_acknowledged_and_reach_network_subscri
     let (sub, mut sub_ev) = network(&b, "watcher").await;
     subscribed(&sub, &mut sub_ev, "jobs/+").await;
 
-    let (l, mut ev) = b.connect_in_process("daemon", false).unwrap();
+    let (l, mut ev) = b.connect_in_process("daemon", false, 100).unwrap();
     until(&mut ev, "CONNACK", |e| {
         matches!(
             e,
@@ -143,7 +143,7 @@ async fn subscriptions_get_retained_messages_and_more_than_the_in_flight_window(
     .await;
     tokio::spawn(async move { while kiosk_ev.poll().await.is_ok() {} });
 
-    let (l, mut ev) = b.connect_in_process("daemon", false).unwrap();
+    let (l, mut ev) = b.connect_in_process("daemon", false, 100).unwrap();
     l.subscribe_many(&["state/#".to_string(), "calls/+".to_string()])
         .await
         .unwrap();
@@ -186,7 +186,7 @@ async fn subscriptions_get_retained_messages_and_more_than_the_in_flight_window(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_over_client_id_connects_again_on_the_next_poll() {
     let b = broker();
-    let (l, mut ev) = b.connect_in_process("daemon", false).unwrap();
+    let (l, mut ev) = b.connect_in_process("daemon", false, 100).unwrap();
     until(&mut ev, "CONNACK", |e| {
         matches!(e, LinkEvent::Connected { .. })
     })
@@ -224,4 +224,29 @@ async fn a_taken_over_client_id_connects_again_on_the_next_poll() {
         |e| matches!(e, LinkEvent::Message(m) if m.topic == "calls/1"),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishes_wait_for_room_in_the_in_flight_window() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let b = broker();
+    let (l, mut ev) = b.connect_in_process("daemon", false, 10).unwrap();
+    for i in 0..10 {
+        l.publish(&format!("jobs/{i}"), true, false, b"x".to_vec(), None)
+            .await
+            .unwrap();
+    }
+    // Room comes back only with acknowledgements, which only polling the events takes:
+    // the eleventh QoS 1 publish cannot go out yet, a QoS 0 one can.
+    let mut eleventh = std::pin::pin!(l.publish("jobs/10", true, false, b"x".to_vec(), None));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(eleventh.as_mut().poll(&mut cx).is_pending());
+    l.publish("jobs/qos0", false, false, b"x".to_vec(), None)
+        .await
+        .unwrap();
+    until(&mut ev, "a PUBACK", |e| matches!(e, LinkEvent::PubAck(_))).await;
+    let sent = tokio::time::timeout(WAIT, eleventh).await;
+    assert!(matches!(sent, Ok(Ok(()))), "{sent:?}");
 }

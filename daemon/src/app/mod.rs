@@ -244,7 +244,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .filter(|_| cfg.mqtt.in_process && lo.version == Version::V4);
     let (link, events) = match in_process {
         Some(b) => b
-            .connect_in_process(&lo.client_id, lo.clean_session)
+            .connect_in_process(&lo.client_id, lo.clean_session, lo.inflight)
             .context("in-process connection to the embedded broker")?,
         None => client::link(&lo),
     };
@@ -263,7 +263,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .map(|(u, p)| (crate::security::registry::reads_identity(u), p.clone()));
         match in_process {
             Some(b) => b
-                .connect_in_process(&ro.client_id, ro.clean_session)
+                .connect_in_process(&ro.client_id, ro.clean_session, ro.inflight)
                 .context("in-process status-read connection to the embedded broker"),
             None => Ok(client::link(&ro)),
         }

@@ -136,6 +136,16 @@ impl PositionGate {
                 self.last.remove(&cid);
             }
         }
+        // A burst (every courier announcing itself at start) leaves room for all of them
+        // behind; give it back once the gate is mostly empty again.
+        if self.last.capacity() > 64 && self.last.len() < self.last.capacity() / 4 {
+            self.last.shrink_to(self.last.len() * 2);
+            self.passed.shrink_to(self.passed.len() * 2);
+        }
+        if self.held.capacity() > 64 && self.held.len() < self.held.capacity() / 4 {
+            self.held.shrink_to(self.held.len() * 2);
+            self.due.shrink_to(self.due.len() * 2);
+        }
     }
 }
 
@@ -176,6 +186,21 @@ mod tests {
         assert!(g.take_due(3100).is_empty());
         assert_eq!(g.remembered(), 0);
         assert!(g.offer("a", at(6.0), 3100).is_some());
+    }
+
+    #[test]
+    fn a_burst_leaves_no_room_behind() {
+        let mut g = PositionGate::new(1000);
+        for i in 0..10_000 {
+            let cid = format!("c{i}");
+            assert!(g.offer(&cid, at(1.0), 0).is_some());
+            assert!(g.offer(&cid, at(2.0), 1).is_none());
+        }
+        assert_eq!(g.take_due(1000).len(), 10_000);
+        assert!(g.take_due(2000).is_empty());
+        assert_eq!(g.remembered(), 0);
+        assert!(g.last.capacity() <= 64 && g.held.capacity() <= 64);
+        assert!(g.passed.capacity() <= 64 && g.due.capacity() <= 64);
     }
 
     #[test]
