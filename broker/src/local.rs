@@ -11,7 +11,8 @@
 //! ones used with a network broker.
 //!
 //! If the router drops the connection (another client took over the client id) the
-//! next poll connects again, as a network client would.
+//! next poll connects again, as a network client would, and reports a new session (it
+//! does not send unacknowledged publishes again itself).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex as StdMutex};
@@ -252,7 +253,15 @@ impl Events {
         self.acks.clear();
         self.wake_router = false;
         self.broken = false;
-        first_event(ack).ok_or_else(|| closed("no connection acknowledgement"))
+        match first_event(ack) {
+            // Reported as a new session whatever the router kept: unlike a network
+            // client, this one does not send its unacknowledged publishes again, so its
+            // user must (the daemon re-sends the outbox rows in flight on a lost session).
+            Some(LinkEvent::Connected { .. }) => Ok(LinkEvent::Connected {
+                session_present: false,
+            }),
+            _ => Err(closed("no connection acknowledgement")),
+        }
     }
 
     /// Gives `n` permits back to the publish window, never beyond its size.

@@ -1519,3 +1519,54 @@ async fn broker_crash_during_a_publish_burst_leaves_no_row_unacknowledged() {
         log_tail(dir.path(), 30)
     );
 }
+
+/// On the embedded broker without device identities, a client may connect with the
+/// daemon's own client id and so take its in-process connection over. The daemon
+/// connects again (after its backoff, taking the id back), subscribes again and serves
+/// calls as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_taking_the_daemons_client_id_does_not_stop_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let id = cfg.mqtt.client_id.clone();
+    let d = start_daemon(cfg).await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "kiosk-1", Version::V4).await;
+    let before = kiosk.create(kiosk.call_body("before")).await;
+    assert_eq!(before["ok"], true, "{before}");
+
+    let (_intruder, mut ev) = link(&LinkOptions::new(url(d.broker_addr), id));
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(LinkEvent::Connected { .. }) = ev.poll().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the intruder connects");
+    // The daemon takes its id back: the broker drops the intruder.
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if ev.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the daemon took its client id back");
+    drop(ev);
+
+    wait_until("the daemon subscribed again", || async {
+        d.mqtt.connected.load(Ordering::Relaxed) && d.mqtt.subscribed.load(Ordering::Relaxed)
+    })
+    .await;
+    let after = kiosk.create(kiosk.call_body("after")).await;
+    assert_eq!(after["ok"], true, "{after}");
+    // The call from before is still there.
+    let call = before["call"]["call_id"]
+        .as_str()
+        .expect("call id")
+        .to_string();
+    let got = kiosk.get(&call).await;
+    assert_eq!(got["ok"], true, "{got}");
+}
