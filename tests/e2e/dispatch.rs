@@ -297,3 +297,24 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
     .await;
     d.shutdown(DEADLINE).await.unwrap();
 }
+
+/// `mqtt.in_process = false`: the daemon's connections to its embedded broker go over
+/// the loopback listener like any client's (every other test here runs them in process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_over_the_loopback_listener_dispatches_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.mqtt.in_process = false;
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let addr = d.broker_addr;
+    let courier = TestCourier::online(addr, "test", "k1", "car", 37.501, 127.0).await;
+    courier_known(&db, "k1").await;
+    let kiosk = Kiosk::connect(addr, "test", "kiosk-1", Version::V4).await;
+    let a = kiosk.create(kiosk.call_body("req-1")).await;
+    assert_eq!(a["ok"], true, "{a}");
+    let id = a["call"]["call_id"].as_str().unwrap().to_string();
+    courier.wait_job(JobKind::Assigned, &id).await;
+    let got = kiosk.get(&id).await;
+    assert_eq!(got["call"]["status"], "assigned", "{got}");
+}
