@@ -242,6 +242,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let in_process = broker
         .as_ref()
         .filter(|_| cfg.mqtt.in_process && lo.version == Version::V4);
+    if in_process.is_some() {
+        tracing::info!("the daemon's broker connections run in process (mqtt.in_process)");
+    }
     let (link, events) = match in_process {
         Some(b) => b
             .connect_in_process(&lo.client_id, lo.clean_session, lo.inflight)
