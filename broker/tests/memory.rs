@@ -148,8 +148,9 @@ async fn publish_distinct(l: &Link, ev: &mut LinkEvents, tag: &str, n: usize) {
 
 /// A topic that was published to once costs nothing once its message is gone from the
 /// logs, even with a wildcard subscriber matching it: the broker keeps no per-topic
-/// bookkeeping for good (a cache of matching filters bounded in size, no per-topic
-/// counters). The daemon publishes a new topic for every call (`calls/<id>/state`).
+/// bookkeeping for good (a topic's filters are found by walking the filters' levels; no
+/// per-topic counters). The daemon publishes a new topic for every call
+/// (`calls/<id>/state`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_published_once_leave_nothing_behind() {
     let _turn = SERIAL.lock().await;
@@ -171,7 +172,7 @@ async fn topics_published_once_leave_nothing_behind() {
         while wev.poll().await.is_ok() {}
     });
     let (l, mut ev) = connect(broker.v4_addr(), "publisher").await;
-    // Fills the bounded cache of matching filters (two generations of 32k topics).
+    // Brings the logs and the allocator to their steady size.
     publish_distinct(&l, &mut ev, "w", 100_000).await;
     let before = rss_mib();
     publish_distinct(&l, &mut ev, "m", 100_000).await;

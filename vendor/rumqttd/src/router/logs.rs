@@ -6,6 +6,7 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::filters::FilterTree;
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
@@ -69,8 +70,9 @@ pub struct DataLog {
     /// every topic at once on the router thread: a 50-100 ms stall of the whole broker.
     /// A B-tree grows a node at a time.
     retained_publishes: BTreeMap<Topic, PublishData>,
-    /// List of filters associated with a topic
-    publish_filters: TopicFilterCache,
+    /// pickupd patch: the filters by level, to find a topic's filters (`filters.rs`).
+    /// Upstream cached, per topic ever published, the filters found by testing each.
+    filter_tree: FilterTree,
     /// pickupd patch: some log may hold entries that no trim pass has looked at.
     pub untrimmed: bool,
     /// pickupd patch: per log, the position before which its entries are to be freed,
@@ -78,71 +80,25 @@ pub struct DataLog {
     trim_targets: Vec<(FilterIdx, Offset)>,
 }
 
-/// pickupd patch: the topic → matching filters cache, bounded.
-///
-/// Upstream keeps an entry for every distinct topic ever published that some filter
-/// matched, for the life of the broker: with one topic per call (`calls/<id>/state` under
-/// a `calls/+/state` subscriber) that is memory growing without end, periodic rehash
-/// stalls, and a walk over every entry whenever a new filter appears. Two generations:
-/// entries go into `current`; when it is full it becomes `previous` (the older one is
-/// dropped); a hit in `previous` moves back into `current`. Topics still published stay;
-/// a dropped one is recomputed from the filters on its next publish, as for a new topic.
-struct TopicFilterCache {
-    current: HashMap<Topic, Vec<FilterIdx>>,
-    previous: HashMap<Topic, Vec<FilterIdx>>,
-}
-
-impl TopicFilterCache {
-    /// Entries per generation: at most twice this many topics are cached.
-    const GENERATION: usize = 32 * 1024;
-
-    fn new() -> Self {
-        Self {
-            current: HashMap::new(),
-            previous: HashMap::new(),
-        }
-    }
-
-    fn get(&mut self, topic: &str) -> Option<Vec<FilterIdx>> {
-        if let Some(v) = self.current.get(topic) {
-            return Some(v.clone());
-        }
-        let (topic, v) = self.previous.remove_entry(topic)?;
-        self.insert(topic, v.clone());
-        Some(v)
-    }
-
-    fn insert(&mut self, topic: Topic, filters: Vec<FilterIdx>) {
-        if self.current.len() >= Self::GENERATION {
-            self.previous = std::mem::take(&mut self.current);
-        }
-        self.current.insert(topic, filters);
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = (&Topic, &mut Vec<FilterIdx>)> {
-        self.current.iter_mut().chain(self.previous.iter_mut())
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.current.len() + self.previous.len()
-    }
-}
-
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = BTreeMap::new();
-        let publish_filters = TopicFilterCache::new();
+        let mut filter_tree = FilterTree::default();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
+                // pickupd patch: a repeated filter is one filter.
+                if filter_indexes.contains_key(&filter) {
+                    continue;
+                }
                 let data = Data::new(&filter, &config);
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                filter_tree.insert(&filter, idx);
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -150,7 +106,7 @@ impl DataLog {
         Ok(DataLog {
             config,
             native,
-            publish_filters,
+            filter_tree,
             filter_indexes,
             retained_publishes,
             untrimmed: false,
@@ -244,30 +200,14 @@ impl DataLog {
             })
     }
 
-    // TODO: Currently returning a Option<Vec> instead of Option<&Vec> due to Rust borrow checker
-    // limitation
+    /// The filters `topic` matches (pickupd patch: found by walking the filter tree).
     pub fn matches(&mut self, topic: &str) -> Option<Vec<usize>> {
-        match self.publish_filters.get(topic) {
-            Some(v) => Some(v),
-            None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
-                    .collect();
-
-                if !v.is_empty() {
-                    self.publish_filters.insert(topic.to_owned(), v.clone());
-                }
-
-                Some(v)
-            }
-        }
+        let mut v = Vec::new();
+        self.filter_tree.matches(topic, &mut v);
+        Some(v)
     }
 
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
-        let publish_filters = &mut self.publish_filters;
         let filter_indexes = &mut self.filter_indexes;
 
         let (filter_idx, data) = match filter_indexes.get(filter) {
@@ -279,13 +219,9 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
-
-                // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
-                    }
-                }
+                // pickupd patch: into the filter tree; upstream walked its cache of every
+                // topic published so far to add the new filter to those it matches.
+                self.filter_tree.insert(filter, idx);
 
                 (idx, self.native.get(idx).unwrap())
             }
@@ -586,7 +522,7 @@ fn retained_prefix(filter: &str) -> &str {
 
 #[cfg(test)]
 mod test {
-    use super::{DataLog, TopicFilterCache};
+    use super::DataLog;
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
@@ -607,7 +543,7 @@ mod test {
 
         data.next_native_offset("topic/+");
 
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+        assert_eq!(data.matches("topic/a").unwrap().len(), 2);
     }
 
     #[test]
@@ -624,9 +560,7 @@ mod test {
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
 
-        data.matches("topic/a");
-
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+        assert_eq!(data.matches("topic/a").unwrap().len(), 1);
     }
 
     // pickupd patch: a subscription gets exactly the retained messages its filter matches,
@@ -694,10 +628,10 @@ mod test {
         assert!(std::mem::size_of::<super::PublishData>() <= 96);
     }
 
-    // pickupd patch: the cache stays bounded, and what it answers (cached, dropped and
-    // recomputed, or moved back from the older generation) is what the filters say.
+    // pickupd patch: a filter added after topics were published reaches them, and
+    // topics without end cost nothing kept per topic.
     #[test]
-    fn publish_filters_cache_is_bounded_and_answers_like_the_filters() {
+    fn new_filters_reach_old_topics_and_topics_are_not_kept() {
         let config = RouterConfig {
             max_segment_size: 1024,
             max_connections: 10,
@@ -709,22 +643,18 @@ mod test {
         };
         let mut data = DataLog::new(config).unwrap();
         let (all, _) = data.next_native_offset("calls/+/state");
-        let (hot, _) = data.next_native_offset("couriers/c1/position");
-        let n = 5 * TopicFilterCache::GENERATION;
-        for i in 0..n {
+        for i in 0..1000 {
             assert_eq!(data.matches(&format!("calls/{i}/state")), Some(vec![all]));
-            assert_eq!(data.matches("couriers/c1/position"), Some(vec![hot]));
-            assert!(data.publish_filters.len() <= 2 * TopicFilterCache::GENERATION);
         }
-        // The hot topic survived every generation change; old topics are recomputed.
-        assert!(data.publish_filters.current.contains_key("couriers/c1/position"));
-        assert_eq!(data.matches("calls/0/state"), Some(vec![all]));
-        // A new filter still reaches cached topics of both generations.
         let (late, _) = data.next_native_offset("calls/#");
-        let last = format!("calls/{}/state", n - 1);
-        let mut got = data.matches(&last).unwrap();
+        let mut got = data.matches("calls/999/state").unwrap();
         got.sort();
         assert_eq!(got, vec![all, late]);
+        assert_eq!(data.matches("calls"), Some(vec![late]));
+        assert_eq!(data.matches("$SYS/calls"), Some(vec![]));
+        // The same filter again is the same filter.
+        assert_eq!(data.next_native_offset("calls/#").0, late);
+        assert_eq!(data.matches("calls/1/x"), Some(vec![late]));
     }
 
     //     #[test]
