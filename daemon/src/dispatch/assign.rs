@@ -166,7 +166,7 @@ impl GridIndex {
     /// in a farther ring could be closer than the best found so far.
     pub fn best(
         &self,
-        couriers: &HashMap<String, Courier>,
+        couriers: &HashMap<String, Box<Courier>>,
         need: &Need<'_>,
         now: Millis,
     ) -> Option<Candidate> {
@@ -179,7 +179,7 @@ impl GridIndex {
             (i64::from(lat1) - i64::from(lat0) + 1) * (i64::from(lon1) - i64::from(lon0) + 1);
         if span as usize > self.cells.len() * 4 {
             // A huge radius: scanning the occupied cells is cheaper than the empty ones.
-            return best_linear(couriers.values(), need, now);
+            return best_linear(couriers.values().map(|c| &**c), need, now);
         }
         // Every point of the cells searched lies within this latitude (for the bound).
         let pole = (f64::from(lat0.unsigned_abs().max((lat1 + 1).unsigned_abs())) * CELL_DEG)
@@ -336,13 +336,13 @@ mod tests {
                 let mut c = courier(&format!("c{i}"), *lat, *lon, vehicles[*v as usize], *idle);
                 c.available = *avail;
                 grid.update(&c.id, *lat, *lon);
-                map.insert(c.id.clone(), c);
+                map.insert(c.id.clone(), Box::new(c));
             }
             let none = BTreeSet::new();
             let mut n = need(&none);
             n.radius_m = radius;
             n.class = if heavy { ParcelClass::Heavy } else { ParcelClass::Light };
-            let a = best_linear(map.values(), &n, 2_000);
+            let a = best_linear(map.values().map(|c| &**c), &n, 2_000);
             let b = grid.best(&map, &n, 2_000);
             prop_assert_eq!(a, b);
         }
@@ -377,7 +377,7 @@ mod tests {
                     excluded.insert(c.id.clone());
                 }
                 grid.update(&c.id, lat, lon);
-                map.insert(c.id.clone(), c);
+                map.insert(c.id.clone(), Box::new(c));
             }
             let (lat, lon) = at(q.0, q.1);
             let n = Need {
@@ -388,7 +388,7 @@ mod tests {
                 excluded: &excluded,
                 location_max_age_ms: 60_000,
             };
-            prop_assert_eq!(best_linear(map.values(), &n, 2_000), grid.best(&map, &n, 2_000));
+            prop_assert_eq!(best_linear(map.values().map(|c| &**c), &n, 2_000), grid.best(&map, &n, 2_000));
         }
     }
 
@@ -428,7 +428,7 @@ mod tests {
             g.update(&format!("far{i}"), 38.0 + f64::from(i) * 0.01, 127.0);
         }
         for (id, lat) in [("b", 37.5 + 0.001), ("a", 37.5 + 0.002)] {
-            couriers.insert(id.to_string(), courier(id, lat, 127.0, Vehicle::Car, 0));
+            couriers.insert(id.to_string(), Box::new(courier(id, lat, 127.0, Vehicle::Car, 0)));
             g.update(id, lat, 127.0);
         }
         assert_eq!(cell_of(37.5 + 0.002, 127.0), cell_of(37.5, 127.0));

@@ -266,7 +266,9 @@ pub struct Dispatcher {
     /// wake-up and the calls due are found without walking every call in memory.
     timers: BTreeSet<(Millis, String)>,
     timer_at: BTreeMap<String, Millis>,
-    couriers: HashMap<String, Courier>,
+    /// Boxed: the map's spare buckets (up to half of them after it grows) then cost a
+    /// pointer each instead of a whole courier (about 200 bytes).
+    couriers: HashMap<String, Box<Courier>>,
     grid: GridIndex,
     /// Recent courier reply ids, to drop repeats before they reach the database.
     seen_replies: HashSet<String>,
@@ -336,7 +338,7 @@ impl Dispatcher {
             if c.online {
                 self.online += 1;
             }
-            self.couriers.insert(c.id.clone(), c);
+            self.couriers.insert(c.id.clone(), Box::new(c));
         }
         for call in calls {
             if call.is_pending() {
@@ -369,12 +371,12 @@ impl Dispatcher {
 
     /// A courier.
     pub fn courier(&self, id: &str) -> Option<&Courier> {
-        self.couriers.get(id)
+        self.couriers.get(id).map(|c| &**c)
     }
 
     /// Every courier (tests, status line).
     pub fn couriers(&self) -> impl Iterator<Item = &Courier> {
-        self.couriers.values()
+        self.couriers.values().map(|c| &**c)
     }
 
     /// Calls still looking for a courier.
@@ -544,7 +546,7 @@ impl Dispatcher {
 
     fn put_courier(&self, d: &mut Decision, id: &str) {
         if let Some(c) = self.couriers.get(id) {
-            d.changes.push(Change::Courier(Box::new(c.clone())));
+            d.changes.push(Change::Courier(c.clone()));
         }
     }
 
@@ -566,7 +568,7 @@ impl Dispatcher {
                 }
                 Change::Courier(courier) => {
                     if let Some(now) = self.couriers.get(&courier.id) {
-                        **courier = now.clone();
+                        *courier = now.clone();
                     }
                 }
                 _ => {}
@@ -756,7 +758,7 @@ impl Dispatcher {
         let c = self
             .couriers
             .entry(cid.to_string())
-            .or_insert_with(|| Courier::new(cid, now));
+            .or_insert_with(|| Box::new(Courier::new(cid, now)));
         let was_online = c.online;
         let was_available = c.available;
         if p.name.is_some() {
@@ -838,7 +840,7 @@ impl Dispatcher {
         let c = self
             .couriers
             .entry(cid.to_string())
-            .or_insert_with(|| Courier::new(cid, now));
+            .or_insert_with(|| Box::new(Courier::new(cid, now)));
         c.lat = Some(loc.lat);
         c.lon = Some(loc.lon);
         c.location_at = Some(loc.at.map_or(now, |a| a.min(now)));
@@ -1286,7 +1288,7 @@ impl Dispatcher {
                 let Some(key) = next.cloned() else { break };
                 let free: Vec<&Courier> = freed
                     .iter()
-                    .filter_map(|id| self.couriers.get(id))
+                    .filter_map(|id| self.couriers.get(id).map(|c| &**c))
                     .filter(|c| c.online && c.available && c.is_free())
                     .collect();
                 if free.is_empty() && ahead.is_empty() {
@@ -1328,7 +1330,7 @@ impl Dispatcher {
         let best = if self.cfg.use_index {
             self.grid.best(&self.couriers, &need, now)
         } else {
-            best_linear(self.couriers.values(), &need, now)
+            best_linear(self.couriers.values().map(|c| &**c), &need, now)
         };
         let Some(best) = best else { return };
         match self.cfg.mode {
