@@ -49,6 +49,12 @@ pub struct Metrics {
     pub rejected_total: Counter,
     /// Courier positions held back or replaced (`limits.position_interval_ms`).
     pub positions_coalesced_total: Counter,
+    /// Store transactions committed.
+    pub commits_total: Counter,
+    /// Of those, the ones that did not wait for the disk (courier updates, sent marks).
+    pub commits_unsynced_total: Counter,
+    commits_seen: AtomicU64,
+    unsynced_seen: AtomicU64,
     shed_seen: AtomicU64,
     rejected_seen: AtomicU64,
     positions_seen: AtomicU64,
@@ -87,6 +93,10 @@ impl Metrics {
             shed_total: Counter::default(),
             rejected_total: Counter::default(),
             positions_coalesced_total: Counter::default(),
+            commits_total: Counter::default(),
+            commits_unsynced_total: Counter::default(),
+            commits_seen: AtomicU64::new(0),
+            unsynced_seen: AtomicU64::new(0),
             shed_seen: AtomicU64::new(0),
             rejected_seen: AtomicU64::new(0),
             positions_seen: AtomicU64::new(0),
@@ -147,6 +157,16 @@ impl Metrics {
             "Courier positions held back or replaced by a newer one (limits.position_interval_ms)",
             m.positions_coalesced_total.clone(),
         );
+        registry.register(
+            "store_commits",
+            "Store transactions committed (group commits)",
+            m.commits_total.clone(),
+        );
+        registry.register(
+            "store_commits_unsynced",
+            "Store commits that did not wait for the disk: only courier updates and sent marks",
+            m.commits_unsynced_total.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -176,6 +196,13 @@ impl Metrics {
         let before = self.positions_seen.swap(positions, Ordering::Relaxed);
         self.positions_coalesced_total
             .inc_by(positions.saturating_sub(before));
+        let commits = live.writer.commits.load(Ordering::Relaxed);
+        let before = self.commits_seen.swap(commits, Ordering::Relaxed);
+        self.commits_total.inc_by(commits.saturating_sub(before));
+        let unsynced = live.writer.unsynced.load(Ordering::Relaxed);
+        let before = self.unsynced_seen.swap(unsynced, Ordering::Relaxed);
+        self.commits_unsynced_total
+            .inc_by(unsynced.saturating_sub(before));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -192,6 +219,8 @@ pub struct Live {
     pub mqtt: Arc<crate::app::inbound::MqttState>,
     /// Publisher counters.
     pub publisher: Arc<crate::app::publisher::PublisherStats>,
+    /// Store writer counters.
+    pub writer: Arc<crate::store::WriterStats>,
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.

@@ -260,6 +260,13 @@ async fn a_courier_coming_online_later_gets_the_waiting_call() {
     d.shutdown(DEADLINE).await.unwrap();
 }
 
+/// The value of counter `name` in a metrics text, or -1 when it is missing.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(-1.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_counts_calls_and_couriers() {
     use std::io::{Read, Write};
@@ -293,6 +300,10 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
             && m.contains("pickupd_broker_connected 1")
             && m.contains("pickupd_reads_connected 1")
             && m.contains("pickupd_store_commit_seconds_count")
+            // The marks that the assignment's messages were sent need no fsync.
+            && counter(&m, "pickupd_store_commits_unsynced_total") >= 1.0
+            && counter(&m, "pickupd_store_commits_total")
+                > counter(&m, "pickupd_store_commits_unsynced_total")
     })
     .await;
     d.shutdown(DEADLINE).await.unwrap();

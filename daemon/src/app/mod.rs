@@ -476,6 +476,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     stats: stats.clone(),
                     mqtt: mqtt_state.clone(),
                     publisher: publisher_stats.clone(),
+                    writer: writer_stats.clone(),
                 },
             ));
             tracing::info!(listen = %bound, "metrics endpoint");

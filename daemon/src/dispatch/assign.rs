@@ -428,7 +428,10 @@ mod tests {
             g.update(&format!("far{i}"), 38.0 + f64::from(i) * 0.01, 127.0);
         }
         for (id, lat) in [("b", 37.5 + 0.001), ("a", 37.5 + 0.002)] {
-            couriers.insert(id.to_string(), Box::new(courier(id, lat, 127.0, Vehicle::Car, 0)));
+            couriers.insert(
+                id.to_string(),
+                Box::new(courier(id, lat, 127.0, Vehicle::Car, 0)),
+            );
             g.update(id, lat, 127.0);
         }
         assert_eq!(cell_of(37.5 + 0.002, 127.0), cell_of(37.5, 127.0));

@@ -386,6 +386,8 @@ pub struct Committed<R> {
 pub struct WriterStats {
     /// Transactions committed.
     pub commits: AtomicU64,
+    /// Of those, the ones that did not wait for the disk (courier updates, sent marks).
+    pub unsynced: AtomicU64,
     /// Jobs applied.
     pub jobs: AtomicU64,
     /// Duration of the last commit, microseconds.
@@ -486,12 +488,19 @@ fn writer_loop<R>(
         }
         let n = batch.len() as u64;
         let started = Instant::now();
-        match apply_batch(&mut conn, &batch) {
+        let unsynced = may_skip_sync(&batch);
+        match commit(&mut conn, &batch, unsynced) {
             Ok(outbox) => {
-                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                stats.last_commit_us.store(us, Ordering::Relaxed);
-                if let Some(h) = stats.commit_hist.get() {
-                    h.observe(us as f64 / 1e6);
+                if unsynced {
+                    stats.unsynced.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // Only commits that wait for the disk tell how slow it is (the
+                    // admission breaker and the commit histogram read this).
+                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    stats.last_commit_us.store(us, Ordering::Relaxed);
+                    if let Some(h) = stats.commit_hist.get() {
+                        h.observe(us as f64 / 1e6);
+                    }
                 }
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(n, Ordering::Relaxed);
@@ -523,6 +532,45 @@ fn writer_loop<R>(
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the database");
     }
+}
+
+/// Whether `batch` holds only work that a power cut may take back without breaking a
+/// promise, so that its commit need not wait for the disk: courier updates (position,
+/// presence; stale after a restart anyway, and sent again by the handhelds), marks that
+/// outbox rows were sent (a lost mark means the row is published once more, which
+/// receivers drop by id) and liveness pings, none of them with anything to hand on after
+/// the commit. Anything else (a call, an answer to send, a notification's delivery, a
+/// prune) waits for the disk as always. On a quiet site every position report was an
+/// fsync of the SD card.
+fn may_skip_sync<R>(batch: &[WriteJob<R>]) -> bool {
+    batch.iter().all(|j| {
+        j.after.is_none()
+            && match &j.op {
+                Op::Ping | Op::MarkSent(_) => true,
+                Op::Apply(changes) => changes.iter().all(|c| matches!(c, Change::Courier(_))),
+                Op::Prune { .. } | Op::Delivery(_) => false,
+            }
+    })
+}
+
+/// Commits `batch`; with `unsynced`, without waiting for the disk (`synchronous =
+/// NORMAL` for that one transaction). In WAL mode that keeps the file consistent: the
+/// commit is in the log, written but not yet flushed, and the next commit that waits for
+/// the disk (or a checkpoint) flushes it together with everything before it, so a power
+/// cut can only take back the newest unsynced commits, never a synced one after them.
+fn commit<R>(
+    conn: &mut Connection,
+    batch: &[WriteJob<R>],
+    unsynced: bool,
+) -> rusqlite::Result<Vec<(i64, OutMsg)>> {
+    if !unsynced {
+        return apply_batch(conn, batch);
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let applied = apply_batch(conn, batch);
+    // Back to full durability before anything else, whatever the batch did.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    applied
 }
 
 /// The changes in `batch` (job index, change index) that a later snapshot of the same

@@ -337,3 +337,43 @@ fn a_batch_writes_the_last_snapshot_of_each_call_once() {
     });
     assert!(superseded(&pruning).is_empty());
 }
+
+#[test]
+fn courier_updates_and_sent_marks_commit_without_waiting_for_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.db");
+    let mut conn = open(&path).unwrap();
+    let job = |op, after| WriteJob::<()> { op, after };
+    let courier = || Op::Apply(vec![Change::Courier(Box::new(Courier::new("k1", 1_000)))]);
+    let quiet = vec![
+        job(courier(), None),
+        job(Op::MarkSent(vec![1, 2]), None),
+        job(Op::Ping, None),
+    ];
+    assert!(may_skip_sync(&quiet));
+    // Anything else waits for the disk: a call, something to hand on, a mix.
+    assert!(!may_skip_sync(&[job(Op::Apply(decision_changes()), None)]));
+    assert!(!may_skip_sync(&[job(courier(), Some(()))]));
+    let mut mixed = quiet;
+    mixed.push(job(Op::Apply(decision_changes()), None));
+    assert!(!may_skip_sync(&mixed));
+    mixed.pop();
+    let quiet = mixed;
+
+    let synchronous =
+        |c: &Connection| -> i64 { c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap() };
+    commit(&mut conn, &quiet, true).unwrap();
+    // Committed (another connection sees it), and the connection is back to FULL (2).
+    let other = Connection::open(&path).unwrap();
+    let n: i64 = other
+        .query_row("SELECT count(*) FROM couriers WHERE id = 'k1'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(synchronous(&conn), 2);
+    // Also after a commit that fails.
+    conn.execute_batch("DROP TABLE couriers").unwrap();
+    assert!(commit(&mut conn, &quiet, true).is_err());
+    assert_eq!(synchronous(&conn), 2);
+}
