@@ -491,16 +491,16 @@ fn writer_loop<R>(
         let unsynced = may_skip_sync(&batch);
         match commit(&mut conn, &batch, unsynced) {
             Ok(outbox) => {
+                // Every commit counts here, synced or not, as before: the admission
+                // breaker refuses calls while the last commit was slow and only a later
+                // commit clears that; on a quiet site that is often a courier update.
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stats.last_commit_us.store(us, Ordering::Relaxed);
+                if let Some(h) = stats.commit_hist.get() {
+                    h.observe(us as f64 / 1e6);
+                }
                 if unsynced {
                     stats.unsynced.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    // Only commits that wait for the disk tell how slow it is (the
-                    // admission breaker and the commit histogram read this).
-                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    stats.last_commit_us.store(us, Ordering::Relaxed);
-                    if let Some(h) = stats.commit_hist.get() {
-                        h.observe(us as f64 / 1e6);
-                    }
                 }
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(n, Ordering::Relaxed);
