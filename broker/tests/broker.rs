@@ -674,3 +674,24 @@ async fn restarting_keeps_sessions_and_retained_messages() {
     let err = broker.restart_listener(Listener::V5).unwrap_err();
     assert!(err.to_string().starts_with("broker.listen_v5:"), "{err}");
 }
+
+/// A topic may start with any character: one that takes more than one byte in UTF-8
+/// (`é`) used to be cut at its first byte when a topic was tested against a filter,
+/// which panicked the broker's router (rumqttd's `matches`; vendor/README.md, patch 14).
+#[tokio::test]
+async fn a_topic_starting_with_a_multibyte_character_is_delivered() {
+    let broker = Broker::start(cfg()).unwrap();
+    let mut publ = connect(broker.v4_addr(), "device").await;
+    publ.publish_qos1("é/status", true, b"retained").await;
+    let mut all = connect(broker.v4_addr(), "watcher").await;
+    all.subscribe("#").await;
+    let m = all.message().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("é/status", &b"retained"[..]));
+    publ.publish_qos1("ü/live", false, b"live").await;
+    let m = all.message().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("ü/live", &b"live"[..]));
+    // The broker still serves everyone.
+    let mut late = connect(broker.v4_addr(), "late").await;
+    late.subscribe("é/#").await;
+    assert_eq!(&late.message().await.payload[..], b"retained");
+}

@@ -678,7 +678,9 @@ pub fn valid_filter(filter: &str) -> bool {
 /// **NOTE**: make sure a topic is validated during a publish and filter is validated
 /// during a subscribe
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if !topic.is_empty() && topic[..1].contains('$') {
+    // pickupd patch: `starts_with`, not `topic[..1]`, which panicked (on the router
+    // thread) for a topic starting with a character of more than one byte.
+    if topic.starts_with('$') {
         return false;
     }
 

@@ -150,7 +150,8 @@ mod test {
     use crate::protocol::matches;
 
     /// Every filter and topic of up to three (filters) or four (topics) levels over an
-    /// alphabet with the awkward cases: empty levels, wildcards in topics, `$` topics.
+    /// alphabet with the awkward cases: empty levels, wildcards in topics, `$` topics, a
+    /// level starting with a character of more than one byte.
     fn all(levels: &[&str], max: usize) -> Vec<String> {
         let mut out: Vec<String> = levels.iter().map(|l| l.to_string()).collect();
         let mut last = out.clone();
@@ -167,8 +168,8 @@ mod test {
 
     #[test]
     fn answers_exactly_what_matching_each_filter_answers() {
-        let filters = all(&["a", "b", "", "+", "#"], 3);
-        let topics = all(&["a", "b", "", "+", "#", "$x"], 4);
+        let filters = all(&["a", "é", "", "+", "#"], 3);
+        let topics = all(&["a", "é", "", "+", "#", "$x"], 4);
         let mut tree = FilterTree::default();
         for (i, f) in filters.iter().enumerate() {
             tree.insert(f, i);
