@@ -686,7 +686,10 @@ async fn a_topic_starting_with_a_multibyte_character_is_delivered() {
     let mut all = connect(broker.v4_addr(), "watcher").await;
     all.subscribe("#").await;
     let m = all.message().await;
-    assert_eq!((m.topic.as_str(), &m.payload[..]), ("é/status", &b"retained"[..]));
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("é/status", &b"retained"[..])
+    );
     publ.publish_qos1("ü/live", false, b"live").await;
     let m = all.message().await;
     assert_eq!((m.topic.as_str(), &m.payload[..]), ("ü/live", &b"live"[..]));
