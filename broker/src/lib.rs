@@ -338,8 +338,9 @@ impl Broker {
 
     /// Replaces a listener that stopped answering with a fresh one on the same address.
     /// Its current connections are dropped (clients reconnect); sessions and retained
-    /// messages live in the router and survive. This is the cure for rumqttd's poisoned
-    /// listener (docs/broker.md), though the client that poisoned it can do it again.
+    /// messages live in the router and survive. This was the cure for rumqttd's poisoned
+    /// listener (fixed since, see docs/broker.md); it stays for whatever else could stop a
+    /// listener.
     pub fn restart_listener(&mut self, which: Listener) -> Result<(), BrokerError> {
         // Settings and address stay known even if an earlier restart failed half-way.
         let (Some(settings), Some(addr)) = (self.settings.get(&which), self.addr_of(which)) else {

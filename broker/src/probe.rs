@@ -1,7 +1,8 @@
 //! Listener health: a real MQTT CONNECT answered by a CONNACK.
 //!
 //! A live process and an open port prove little with rumqttd: a listener whose connection
-//! handler is poisoned still accepts TCP and then drops every CONNECT. So the probe speaks
+//! handling is broken (a poisoned lock, before vendor patch 15) still accepts TCP and then
+//! drops every CONNECT. So the probe speaks
 //! just enough MQTT (3.1.1 or 5, hand-written packets, no client library) to see a CONNACK
 //! with return code 0, with a clean session and a client id not used by the previous
 //! probes, then closes the connection.

@@ -484,6 +484,16 @@ impl Callback for WSCallback {
     }
 }
 
+/// pickupd patch: the will handlers of a listener, even if a panicking connection
+/// poisoned the lock (the map stays usable: each entry is inserted or removed whole).
+fn lock_wills(
+    handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
+    handlers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
@@ -535,20 +545,23 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // pickupd patch: the table is read without holding its lock across anything that can
+    // fail, a poisoned lock is used anyway, and a will handler whose connection is gone
+    // is just dropped. Upstream's `try_send(..).unwrap()` panicked, lock held, when the
+    // client's previous connection had panicked (its receiver dropped), which poisoned
+    // the lock and with it every later CONNECT on this listener, for everyone.
+    let previous = lock_wills(&will_handlers).remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+    lock_wills(&will_handlers).insert(client_id.clone(), will_tx);
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -611,7 +624,7 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            lock_wills(&will_handlers).remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }

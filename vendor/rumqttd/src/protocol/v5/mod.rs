@@ -426,7 +426,10 @@ impl Protocol for V5 {
                 let (pubcomp, properties) = pubcomp::read(fixed_header, packet)?;
                 Packet::PubComp(pubcomp, properties)
             }
-            _ => unreachable!(),
+            // pickupd patch: a CONNACK or UNSUBACK from a client is an error of that
+            // connection. Upstream panicked here (`unreachable!`), killing the connection,
+            // and the client's reconnect then poisoned the whole listener.
+            _ => return Err(Error::InvalidProtocol),
         };
 
         Ok(packet)
@@ -469,7 +472,9 @@ impl Protocol for V5 {
             }
             Packet::PingReq(pingreq) => ping::pingreq::write(buffer)?,
             Packet::PingResp(pingresp) => ping::pingresp::write(buffer)?,
-            _ => unreachable!(),
+            // pickupd patch: an error, not `unreachable!` (every packet is matched above).
+            #[allow(unreachable_patterns)]
+            _ => return Err(Error::InvalidProtocol),
         };
         Ok(size)
     }
