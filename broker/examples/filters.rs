@@ -9,7 +9,7 @@ mod support;
 
 use pickup_broker::{Broker, BrokerConfig};
 use pickup_protocol::client::{BrokerUrl, LinkEvent};
-use support::{connect, memory, publish_jobs, suback, Error};
+use support::{connect, memory, publish_jobs, subscribe_jobs, Error};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
@@ -27,12 +27,7 @@ async fn main() -> Result<(), Error> {
     let (p, mut pev) = connect(&url, "daemon").await?;
     let (heap0, rss0) = memory();
 
-    // Subscribe in batches, each acknowledged before the next.
-    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-        let filters: Vec<String> = chunk.iter().map(|i| format!("jobs/{i}")).collect();
-        sub.subscribe_many(&filters).await?;
-        suback(&mut sev).await?;
-    }
+    subscribe_jobs(&sub, &mut sev, n).await?;
     let (heap1, rss1) = memory();
 
     // One message on each, all received (and acknowledged).

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use pickup_broker::{Broker, BrokerConfig};
 use pickup_protocol::client::{BrokerUrl, Link, LinkEvent, LinkEvents};
-use support::{connect, memory, suback, Error};
+use support::{connect, memory, suback, subscribe_jobs, Error};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
@@ -36,11 +36,7 @@ async fn main() -> Result<(), Error> {
     })?;
     let url = BrokerUrl::parse(&broker.v4_url())?;
     let (sub, mut sev) = connect(&url, "handhelds").await?;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-        let filters: Vec<String> = chunk.iter().map(|i| format!("jobs/{i}")).collect();
-        sub.subscribe_many(&filters).await?;
-        suback(&mut sev).await?;
-    }
+    subscribe_jobs(&sub, &mut sev, n).await?;
     let (watch, mut wev) = connect(&url, "watcher").await?;
     watch.subscribe_many(&["calls/+/state".to_string()]).await?;
     suback(&mut wev).await?;

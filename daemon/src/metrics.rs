@@ -187,28 +187,41 @@ impl Metrics {
         // Refusals by admission and by the per-kiosk open-call limit.
         let shed = live.mqtt.shed.load(Ordering::Relaxed)
             + live.stats.open_limited.load(Ordering::Relaxed);
-        let before = self.shed_seen.swap(shed, Ordering::Relaxed);
-        self.shed_total.inc_by(shed.saturating_sub(before));
-        let rejected = live.mqtt.rejected.load(Ordering::Relaxed);
-        let before = self.rejected_seen.swap(rejected, Ordering::Relaxed);
-        self.rejected_total.inc_by(rejected.saturating_sub(before));
-        let positions = live.mqtt.positions_coalesced.load(Ordering::Relaxed);
-        let before = self.positions_seen.swap(positions, Ordering::Relaxed);
-        self.positions_coalesced_total
-            .inc_by(positions.saturating_sub(before));
-        let commits = live.writer.commits.load(Ordering::Relaxed);
-        let before = self.commits_seen.swap(commits, Ordering::Relaxed);
-        self.commits_total.inc_by(commits.saturating_sub(before));
-        let unsynced = live.writer.unsynced.load(Ordering::Relaxed);
-        let before = self.unsynced_seen.swap(unsynced, Ordering::Relaxed);
-        self.commits_unsynced_total
-            .inc_by(unsynced.saturating_sub(before));
+        advance(&self.shed_total, &self.shed_seen, shed);
+        let mqtt = &live.mqtt;
+        advance(
+            &self.rejected_total,
+            &self.rejected_seen,
+            mqtt.rejected.load(Ordering::Relaxed),
+        );
+        advance(
+            &self.positions_coalesced_total,
+            &self.positions_seen,
+            mqtt.positions_coalesced.load(Ordering::Relaxed),
+        );
+        advance(
+            &self.commits_total,
+            &self.commits_seen,
+            live.writer.commits.load(Ordering::Relaxed),
+        );
+        advance(
+            &self.commits_unsynced_total,
+            &self.unsynced_seen,
+            live.writer.unsynced.load(Ordering::Relaxed),
+        );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
     }
+}
+
+/// Brings `counter` up to `total`, a running count kept elsewhere; `seen` holds the total
+/// at the previous scrape (Prometheus counters only ever grow by what happened since).
+fn advance(counter: &Counter, seen: &AtomicU64, total: u64) {
+    let before = seen.swap(total, Ordering::Relaxed);
+    counter.inc_by(total.saturating_sub(before));
 }
 
 /// The live counters the gauges read at scrape time.

@@ -28,6 +28,17 @@ pub async fn suback(ev: &mut LinkEvents) -> Result<(), Error> {
     }
 }
 
+/// Subscribes `sub` to `jobs/0` .. `jobs/<n-1>` (as `n` handhelds' job topics), 100
+/// filters per SUBSCRIBE, each acknowledged before the next.
+pub async fn subscribe_jobs(sub: &Link, sev: &mut LinkEvents, n: usize) -> Result<(), Error> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let filters: Vec<String> = chunk.iter().map(|i| format!("jobs/{i}")).collect();
+        sub.subscribe_many(&filters).await?;
+        suback(sev).await?;
+    }
+    Ok(())
+}
+
 /// Connects `n` handhelds (`handheld-<i>`), each subscribed to its own `jobs/<i>` and
 /// polled by a task of its own for good; each reports on the returned channel once it
 /// has received `k` messages.
