@@ -687,3 +687,32 @@ async fn a_topic_starting_with_a_multibyte_character_is_delivered() {
     late.subscribe("é/#").await;
     assert_eq!(&late.message().await.payload[..], b"retained");
 }
+
+/// A wildcard subscription gets every retained message it matches, however many more
+/// there are than the subscriber's in-flight window (a dashboard subscribing to every
+/// call's state, a daemon re-reading every courier's presence).
+#[tokio::test]
+async fn a_wildcard_subscriber_gets_every_retained_message_beyond_its_inflight_window() {
+    let broker = Broker::start(cfg()).unwrap();
+    let addr = broker.v4_addr();
+    let mut publ = connect(addr, "daemon").await;
+    let n = 3 * usize::from(BrokerConfig::default().max_inflight) + 7;
+    for i in 0..n {
+        publ.publish_qos1(
+            &format!("calls/{i}/state"),
+            true,
+            format!("s{i}").as_bytes(),
+        )
+        .await;
+    }
+    let mut board = connect(addr, "board").await;
+    board.subscribe("calls/+/state").await;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < n {
+        let m = board.message().await;
+        assert!(m.retain);
+        let i: usize = m.topic.split('/').nth(1).unwrap().parse().unwrap();
+        assert_eq!(&m.payload[..], format!("s{i}").as_bytes());
+        seen.insert(i);
+    }
+}

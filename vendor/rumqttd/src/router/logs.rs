@@ -1,9 +1,10 @@
 use super::Ack;
+use bytes::Bytes;
 use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    matches, QoS, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::filters::FilterTree;
@@ -53,6 +54,18 @@ impl Storage for PublishData {
 /// Stores 'device' data and 'actions' data in native commitlog
 /// organized by subscription filter. Device data is replicated
 /// while actions data is not
+/// pickupd patch: a retained message as kept: the payload alone (the topic is the map's
+/// key), the QoS, and only for MQTT 5 messages their properties and the time they came
+/// (for expiry). Upstream kept a whole `PublishData` (96 bytes), a second copy of the
+/// topic in it, and the topic and payload as shared buffers with a header each: about
+/// 450 bytes for a courier's presence with a 50-byte topic and an 80-byte payload, 250
+/// bytes more than this. A site keeps one per courier and one per recent call.
+struct Retained {
+    payload: Box<[u8]>,
+    qos: QoS,
+    v5: Option<Box<(PublishProperties, Instant)>>,
+}
+
 pub struct DataLog {
     pub config: RouterConfig,
     /// Native commitlog data organized by subscription. Contains
@@ -69,7 +82,7 @@ pub struct DataLog {
     /// holds 100k+ topics on a busy site, and a hash map doubling at that size rehashed
     /// every topic at once on the router thread: a 50-100 ms stall of the whole broker.
     /// A B-tree grows a node at a time.
-    retained_publishes: BTreeMap<Topic, PublishData>,
+    retained_publishes: BTreeMap<Box<str>, Retained>,
     /// pickupd patch: the filters by level, to find a topic's filters (`filters.rs`).
     /// Upstream cached, per topic ever published, the filters found by testing each.
     filter_tree: FilterTree,
@@ -328,15 +341,21 @@ impl DataLog {
         publish_properties: Option<PublishProperties>,
         topic: Topic,
     ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+        let retained = Retained {
+            payload: publish.payload.as_ref().into(),
+            qos: publish.qos,
+            v5: publish_properties.map(|p| Box::new((p, Instant::now()))),
+        };
+        self.retained_publishes.insert(topic.into(), retained);
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
-        self.retained_publishes.remove(&topic);
+        self.retained_publishes.remove(topic.as_str());
     }
 
-    /// pickupd patch: reads only the part of the retained messages that can match.
+    /// pickupd patch: reads only the part of the retained messages that can match, up to
+    /// `limit` of them, after topic `after` (the last one a previous read returned);
+    /// returns them, and the topic to resume after if more may match.
     ///
     /// Upstream walked every retained message on every subscription (first to drop expired
     /// ones, then to match): with one retained state per call that is 100k+ topic matches
@@ -346,42 +365,69 @@ impl DataLog {
     /// for a filter starting with one). Expiry is now checked on the messages read:
     /// expired ones are dropped, the others go out with the time they have left (upstream
     /// also wrote that back into the stored message, shortening it again on each read).
-    pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
+    pub fn read_retained_messages(
+        &mut self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<PubWithProp>, Option<Topic>) {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
         let prefix = retained_prefix(filter);
         let mut out = Vec::new();
         let mut expired = Vec::new();
+        let mut resume = None;
+        let mut last: Option<&str> = None;
+        let start = match after {
+            Some(topic) => Bound::Excluded(topic),
+            None => Bound::Included(prefix),
+        };
         let range = self
             .retained_publishes
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded));
-        for (topic, pubdata) in range {
+            .range::<str, _>((start, Bound::Unbounded));
+        for (topic, retained) in range {
             if !topic.starts_with(prefix) {
                 break;
             }
             if !matches(topic, filter) {
                 continue;
             }
-            let mut properties = pubdata.properties.as_deref().cloned();
-            let interval = properties
-                .as_mut()
-                .and_then(|p| p.message_expiry_interval.as_mut());
-            if let Some(interval) = interval {
-                let spent = now.saturating_duration_since(pubdata.timestamp).as_secs();
-                let spent = u32::try_from(spent).unwrap_or(u32::MAX);
-                if spent >= *interval {
-                    expired.push(topic.clone());
-                    continue;
+            let mut properties = None;
+            if let Some(v5) = &retained.v5 {
+                let (props, stored) = v5.as_ref();
+                let mut props = props.clone();
+                if let Some(interval) = props.message_expiry_interval.as_mut() {
+                    let spent = now.saturating_duration_since(*stored).as_secs();
+                    let spent = u32::try_from(spent).unwrap_or(u32::MAX);
+                    if spent >= *interval {
+                        expired.push(topic.clone());
+                        continue;
+                    }
+                    // The time left, as MQTT 5 asks (3.3.2.3.3).
+                    *interval -= spent;
                 }
-                // The time left, as MQTT 5 asks (3.3.2.3.3).
-                *interval -= spent;
+                properties = Some(props);
             }
-            out.push((pubdata.publish.clone(), properties));
+            if out.len() == limit {
+                // One more matches: the caller comes back for it.
+                resume = last.map(str::to_string);
+                break;
+            }
+            let publish = Publish {
+                dup: false,
+                qos: retained.qos,
+                pkid: 0,
+                retain: true,
+                topic: Bytes::copy_from_slice(topic.as_bytes()),
+                payload: Bytes::copy_from_slice(&retained.payload),
+            };
+            out.push((publish, properties));
+            last = Some(topic);
         }
         for topic in expired {
             self.retained_publishes.remove(&topic);
         }
-        out
+        (out, resume)
     }
 }
 
@@ -567,7 +613,7 @@ mod test {
     // read from the filter's range of the ordered map.
     #[test]
     fn retained_messages_read_for_a_filter_are_those_it_matches() {
-        use crate::protocol::{Publish, PublishProperties};
+        use crate::protocol::{Publish, PublishProperties, QoS};
         let config = RouterConfig {
             max_segment_size: 1024,
             max_connections: 10,
@@ -585,14 +631,27 @@ mod test {
             let p = Publish::new(t, "v", true);
             data.insert_to_retained_publishes(p, None, t.to_string());
         }
-        let read = |data: &mut DataLog, f: &str| {
-            let mut v: Vec<String> = data
-                .read_retained_messages(f)
-                .into_iter()
-                .map(|(p, _)| String::from_utf8(p.topic.to_vec()).unwrap())
-                .collect();
-            v.sort();
-            v
+        // Read in windows of `limit`, resuming after the last topic each time, as the
+        // router does while the subscriber's in-flight window frees up.
+        let read = |data: &mut DataLog, f: &str, limit: usize| {
+            let mut v: Vec<String> = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let (got, resume) = data.read_retained_messages(f, after.as_deref(), limit);
+                assert!(got.len() <= limit);
+                for (p, props) in got {
+                    assert_eq!((p.payload.as_ref(), p.retain, p.qos), (&b"v"[..], true, QoS::AtMostOnce));
+                    assert!(props.is_none());
+                    v.push(String::from_utf8(p.topic.to_vec()).unwrap());
+                }
+                match resume {
+                    Some(t) => {
+                        assert_eq!(v.last(), Some(&t));
+                        after = Some(t);
+                    }
+                    None => return v,
+                }
+            }
         };
         for f in ["a/b", "a/b/#", "a/+", "a/+/c", "+/b", "+/b/#", "#", "a/bc/d", "x/+/z", "q/#"] {
             let mut want: Vec<String> = topics
@@ -601,7 +660,10 @@ mod test {
                 .map(|t| t.to_string())
                 .collect();
             want.sort();
-            assert_eq!(read(&mut data, f), want, "filter {f}");
+            for limit in [1, 2, 3, 1024] {
+                // Each once, in topic order.
+                assert_eq!(read(&mut data, f, limit), want, "filter {f}, limit {limit}");
+            }
         }
 
         // Expiry: an expired message is dropped; a live one goes out with the time left,
@@ -613,13 +675,14 @@ mod test {
         data.insert_to_retained_publishes(Publish::new("e/live", "v", true), Some(props(60)), "e/live".into());
         data.insert_to_retained_publishes(Publish::new("e/gone", "v", true), Some(props(0)), "e/gone".into());
         for _ in 0..3 {
-            let got = data.read_retained_messages("e/#");
+            let (got, resume) = data.read_retained_messages("e/#", None, 1);
+            assert_eq!(resume, None, "the expired one is not more to read");
             assert_eq!(got.len(), 1);
             assert_eq!(got[0].0.topic, "e/live");
             let left = got[0].1.as_ref().and_then(|p| p.message_expiry_interval);
             assert!(matches!(left, Some(59..=60)), "{left:?}");
         }
-        assert_eq!(data.read_retained_messages("e/gone").len(), 0);
+        assert_eq!(data.read_retained_messages("e/gone", None, 10).0.len(), 0);
     }
 
     // pickupd patch: the size a stored message takes before its topic and payload.

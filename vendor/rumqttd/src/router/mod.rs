@@ -196,7 +196,19 @@ pub struct DataRequest {
     /// Maximum count of payload buffer per replica
     max_count: usize,
     pub(crate) forward_retained: bool,
+    /// pickupd patch: the last retained topic forwarded while `forward_retained` is set.
+    /// Retained messages go out an in-flight window at a time, resuming after this topic;
+    /// upstream sent one window's worth and dropped the rest.
+    pub(crate) retained_after: Option<Topic>,
     pub(crate) group: Option<String>,
+}
+
+impl DataRequest {
+    /// pickupd patch: (re)starts forwarding the filter's retained messages from the first.
+    pub(crate) fn forward_retained_from_start(&mut self) {
+        self.forward_retained = true;
+        self.retained_after = None;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1069,6 +1069,7 @@ impl Router {
                 max_count: 100,
                 // set true for new subscriptions
                 forward_retained,
+                retained_after: None,
                 group,
             };
 
@@ -1106,10 +1107,10 @@ impl Router {
             .iter_mut()
             .find(|r| r.filter_idx == filter_idx)
         {
-            r.forward_retained = true;
+            r.forward_retained_from_start();
         } else {
             for mut r in self.datalog.take_waiters(id, filter_idx) {
-                r.forward_retained = true;
+                r.forward_retained_from_start();
                 self.scheduler.track(id, r);
             }
         }
@@ -1607,19 +1608,23 @@ fn forward_device_data(
     }
 
     let mut publishes = Vec::new();
+    let mut more_retained = false;
 
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
-
+        // pickupd patch: as many retained messages as there are free slots, resuming after
+        // the last one sent. Upstream read them all, sent the first window's worth and
+        // dropped the rest: a dashboard subscribing to `calls/+/state` saw 100 calls.
+        let (retained_publishes, resume) = datalog.read_retained_messages(
+            &request.filter,
+            request.retained_after.as_deref(),
+            inflight_slots as usize,
+        );
         publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
         inflight_slots -= publishes.len() as u64;
-
-        // we only want to forward retained messages once
-        request.forward_retained = false;
+        more_retained = resume.is_some();
+        // Once all are sent, they are not forwarded again.
+        request.forward_retained = more_retained;
+        request.retained_after = resume;
     }
 
     let (next, publishes_from_datalog) =
@@ -1639,7 +1644,9 @@ fn forward_device_data(
 
     let (start, next, caughtup) = match next {
         Position::Next { start, end } => (start, end, false),
-        Position::Done { start, end } => (start, end, true),
+        // pickupd patch: not caught up while retained messages remain to be sent, so the
+        // request stays scheduled instead of waiting for new data.
+        Position::Done { start, end } => (start, end, !more_retained),
     };
 
     if let Some(ref shared_group) = shared_group {
