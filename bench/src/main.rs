@@ -887,11 +887,24 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         }
         let settle_s = t0.elapsed().as_secs_f64();
         let m = Memory::read(Some(pid));
+        // Steady state: the couriers stay online, nothing else happens, for one period of
+        // the daemon's own trimmer (pickupd::memory) and a little more.
+        let steady_after = pickupd::memory::TRIM_EVERY + Duration::from_secs(2);
+        std::thread::sleep(steady_after);
+        let steady = Memory::read(Some(pid));
         let trim_ms = child.trim()?;
         let trimmed = Memory::read(Some(pid));
         println!(
             "{:<10} with {n} couriers online: RSS {:.1} MiB (heap and stacks {:.1}, files {:.1}; peak {:.1}); recorded in {:.1} s ({sends} announcements)",
             "", m.rss_mib, m.anon_mib, m.file_mib, m.peak_rss_mib, settle_s
+        );
+        println!(
+            "{:<10} {:.0} s later, steady: RSS {:.1} MiB (heap and stacks {:.1}, files {:.1})",
+            "",
+            steady_after.as_secs_f64(),
+            steady.rss_mib,
+            steady.anon_mib,
+            steady.file_mib
         );
         println!(
             "{:<10} after the allocator returned free pages (malloc_trim, {trim_ms:.1} ms): RSS {:.1} MiB (heap and stacks {:.1})",
@@ -906,6 +919,8 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             "rss_after_republish_mib": idle.rss_mib, "peak_rss_after_republish_mib": idle.peak_rss_mib,
             "rss_mib": m.rss_mib, "anon_mib": m.anon_mib, "file_mib": m.file_mib,
             "peak_rss_mib": m.peak_rss_mib, "rss_after_trim_mib": trimmed.rss_mib,
+            "steady_after_s": steady_after.as_secs_f64(), "rss_steady_mib": steady.rss_mib,
+            "anon_steady_mib": steady.anon_mib, "file_steady_mib": steady.file_mib,
             "malloc_trim_ms": trim_ms,
             "couriers_recorded_s": settle_s, "announcements_sent": sends,
         }));

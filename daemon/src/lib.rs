@@ -16,6 +16,7 @@
 //! - [`demo`]: `pickupd demo`, the daemon with simulated couriers and kiosks;
 //! - [`logging`]: log setup;
 //! - [`metrics`]: the optional Prometheus endpoint;
+//! - [`memory`]: free heap pages handed back to the system after bursts;
 //! - [`systemd`]: readiness, status, watchdog (sd_notify);
 //! - [`security`]: the device registry, broker authentication, Mosquitto ACL generation.
 
@@ -26,6 +27,7 @@ pub mod ctl;
 pub mod demo;
 pub mod dispatch;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod scale;

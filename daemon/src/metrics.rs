@@ -53,7 +53,14 @@ pub struct Metrics {
     pub commits_total: Counter,
     /// Of those, the ones that did not wait for the disk (courier updates, sent marks).
     pub commits_unsynced_total: Counter,
+    /// Resident set of the process, bytes, read at scrape time.
+    pub resident_bytes: Gauge,
+    /// Free heap pages handed back to the system (`memory`): trims run, bytes returned.
+    pub memory_trims_total: Counter,
+    pub memory_returned_bytes_total: Counter,
     commits_seen: AtomicU64,
+    trims_seen: AtomicU64,
+    returned_seen: AtomicU64,
     unsynced_seen: AtomicU64,
     shed_seen: AtomicU64,
     rejected_seen: AtomicU64,
@@ -95,7 +102,12 @@ impl Metrics {
             positions_coalesced_total: Counter::default(),
             commits_total: Counter::default(),
             commits_unsynced_total: Counter::default(),
+            resident_bytes: Gauge::default(),
+            memory_trims_total: Counter::default(),
+            memory_returned_bytes_total: Counter::default(),
             commits_seen: AtomicU64::new(0),
+            trims_seen: AtomicU64::new(0),
+            returned_seen: AtomicU64::new(0),
             unsynced_seen: AtomicU64::new(0),
             shed_seen: AtomicU64::new(0),
             rejected_seen: AtomicU64::new(0),
@@ -167,6 +179,21 @@ impl Metrics {
             "Store commits that did not wait for the disk: only courier updates and sent marks",
             m.commits_unsynced_total.clone(),
         );
+        registry.register(
+            "resident_bytes",
+            "Resident set of the daemon's process (with the embedded broker, the broker too)",
+            m.resident_bytes.clone(),
+        );
+        registry.register(
+            "memory_trims",
+            "Times free heap pages were handed back to the system",
+            m.memory_trims_total.clone(),
+        );
+        registry.register(
+            "memory_returned_bytes",
+            "Bytes by which those trims shrank the resident set",
+            m.memory_returned_bytes_total.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -209,6 +236,20 @@ impl Metrics {
             &self.unsynced_seen,
             live.writer.unsynced.load(Ordering::Relaxed),
         );
+        if let Some(rss) = crate::memory::resident_bytes() {
+            self.resident_bytes
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+        advance(
+            &self.memory_trims_total,
+            &self.trims_seen,
+            live.memory.trims.load(Ordering::Relaxed),
+        );
+        advance(
+            &self.memory_returned_bytes_total,
+            &self.returned_seen,
+            live.memory.returned_bytes.load(Ordering::Relaxed),
+        );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -234,6 +275,8 @@ pub struct Live {
     pub publisher: Arc<crate::app::publisher::PublisherStats>,
     /// Store writer counters.
     pub writer: Arc<crate::store::WriterStats>,
+    /// What the memory trimmer did.
+    pub memory: Arc<crate::memory::TrimStats>,
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.

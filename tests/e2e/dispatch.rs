@@ -304,6 +304,10 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
             && counter(&m, "pickupd_store_commits_unsynced_total") >= 1.0
             && counter(&m, "pickupd_store_commits_total")
                 > counter(&m, "pickupd_store_commits_unsynced_total")
+            // The process with its embedded broker: more than a few MiB.
+            && counter(&m, "pickupd_resident_bytes") > 4.0 * 1048576.0
+            && m.contains("pickupd_memory_trims_total")
+            && m.contains("pickupd_memory_returned_bytes_total")
     })
     .await;
     d.shutdown(DEADLINE).await.unwrap();

@@ -460,6 +460,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         });
     }
 
+    // Free heap pages go back to the system after bursts (see `memory`).
+    let trim_stats = Arc::new(crate::memory::TrimStats::default());
+    tokio::spawn(crate::memory::run(
+        trim_stats.clone(),
+        crate::memory::TRIM_EVERY,
+        stop_rx_for_scales.clone(),
+    ));
+
     // Metrics.
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let _ = writer_stats.commit_hist.set(metrics.commit_latency.clone());
@@ -477,6 +485,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                     mqtt: mqtt_state.clone(),
                     publisher: publisher_stats.clone(),
                     writer: writer_stats.clone(),
+                    memory: trim_stats.clone(),
                 },
             ));
             tracing::info!(listen = %bound, "metrics endpoint");
