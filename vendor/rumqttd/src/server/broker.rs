@@ -528,7 +528,12 @@ async fn remote<P: Protocol>(
         Packet::Connect(ref connect, _, _, _, _) => {
             (connect.client_id.clone(), connect.clean_session)
         }
-        _ => unreachable!(),
+        // pickupd patch: `mqtt_connect` returns only CONNECT packets; should that change,
+        // the connection is dropped rather than the listener's task panicked.
+        _ => {
+            error!("first packet of a connection is not a CONNECT");
+            return;
+        }
     };
 
     let mut assigned_client_id = None;
