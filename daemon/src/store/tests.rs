@@ -377,3 +377,59 @@ fn courier_updates_and_sent_marks_commit_without_waiting_for_the_disk() {
     assert!(commit(&mut conn, &quiet, true).is_err());
     assert_eq!(synchronous(&conn), 2);
 }
+
+/// Bytes of page cache a connection holds (SQLite counts them whatever the memory
+/// statistics setting).
+fn cache_used(conn: &rusqlite::Connection) -> i64 {
+    let (mut cur, mut hi) = (0, 0);
+    // SAFETY: the handle is live for as long as `conn`; the out pointers are to locals.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+            &mut cur,
+            &mut hi,
+            0,
+        )
+    };
+    assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
+    i64::from(cur)
+}
+
+/// After writing and then reading back a history several times larger than the caches,
+/// the writer's and a long-lived reader's page caches together stay within the sizes set
+/// for them. (The bundled SQLite pools all connections' page caches in one group whose
+/// limit is the sum of theirs, so each connection's size counts towards a process-wide
+/// bound: at SQLite's default, 2 MB for each open connection.)
+#[test]
+fn the_page_caches_stay_within_the_sizes_set_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let mut conn = open(&path).unwrap();
+    let n = 4000;
+    let view = "v".repeat(1500);
+    let tx = conn.transaction().unwrap();
+    for i in 0..n {
+        tx.execute(
+            "INSERT INTO calls (id, request_id, status, tel, created_at, updated_at, view, body) \
+             VALUES (?1, ?2, 'completed', '010', ?3, ?3, ?4, '{}')",
+            rusqlite::params![format!("c{i:08}"), format!("r{i}"), i, view],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let reader = Reader::open(&path).unwrap();
+    for i in 0..n {
+        let row = reader.call(&format!("c{i:08}")).unwrap().unwrap();
+        assert_eq!(row.view.len(), 1500);
+    }
+    let used = cache_used(&conn) + cache_used(&reader.conn);
+    // Pages carry a header of some 10 % on top of their 4 KiB.
+    let bound = i64::from(WRITER_CACHE_KIB + READER_CACHE_KIB) * 1024 * 23 / 20;
+    assert!(
+        used <= bound,
+        "page caches hold {used} bytes, more than {bound}"
+    );
+    // The history was large enough to fill them.
+    assert!(used >= bound / 2, "only {used} bytes cached");
+}
