@@ -93,6 +93,8 @@ pub fn daemon_config(site: &str, db: &Path, broker: &BrokerChoice, url: Option<&
 /// Mosquitto on a free loopback port, killed on drop.
 pub struct Mosquitto {
     child: Child,
+    /// Its config file, removed on drop.
+    conf: PathBuf,
     /// Where it listens.
     pub addr: SocketAddr,
 }
@@ -137,7 +139,7 @@ impl Mosquitto {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(Self { child, addr })
+        Ok(Self { child, conf, addr })
     }
 
     /// Its process id (for its CPU time).
@@ -150,6 +152,7 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.conf);
     }
 }
 
@@ -319,7 +322,13 @@ impl DaemonChild {
         }
         let end = Instant::now() + Duration::from_secs(90);
         loop {
-            if self.child.try_wait()?.is_some() {
+            if let Some(status) = self.child.try_wait()? {
+                // Its log is kept only when it did not stop cleanly.
+                if status.success() {
+                    if let Some(log) = &self.log {
+                        let _ = std::fs::remove_file(log);
+                    }
+                }
                 return Ok(());
             }
             if Instant::now() > end {
