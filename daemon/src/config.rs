@@ -234,7 +234,8 @@ pub struct Limits {
     /// Milliseconds: a courier's positions are taken at most once per this interval; the
     /// newest of those in between is taken when it is up (none is lost, the rest are
     /// dropped). Keeps a handheld that loops on its position from turning into a stream
-    /// of commits. 0 = take every position.
+    /// of commits. Also the window in which a presence that repeats a courier's last one
+    /// is dropped (changes pass at once). 0 = take every position and presence.
     pub position_interval_ms: u64,
 }
 

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub rejected_total: Counter,
     /// Courier positions held back or replaced (`limits.position_interval_ms`).
     pub positions_coalesced_total: Counter,
+    /// Courier presences dropped as repeats of the last one (`limits.position_interval_ms`).
+    pub presences_dropped_total: Counter,
     /// Store transactions committed.
     pub commits_total: Counter,
     /// Of those, the ones that did not wait for the disk (courier updates, sent marks).
@@ -65,6 +67,7 @@ pub struct Metrics {
     shed_seen: AtomicU64,
     rejected_seen: AtomicU64,
     positions_seen: AtomicU64,
+    presences_seen: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -100,6 +103,7 @@ impl Metrics {
             shed_total: Counter::default(),
             rejected_total: Counter::default(),
             positions_coalesced_total: Counter::default(),
+            presences_dropped_total: Counter::default(),
             commits_total: Counter::default(),
             commits_unsynced_total: Counter::default(),
             resident_bytes: Gauge::default(),
@@ -112,6 +116,7 @@ impl Metrics {
             shed_seen: AtomicU64::new(0),
             rejected_seen: AtomicU64::new(0),
             positions_seen: AtomicU64::new(0),
+            presences_seen: AtomicU64::new(0),
         };
         registry.register("call_events", "Call events by kind", events);
         registry.register(
@@ -170,6 +175,11 @@ impl Metrics {
             m.positions_coalesced_total.clone(),
         );
         registry.register(
+            "presences_dropped",
+            "Courier presences dropped as repeats of the last one within limits.position_interval_ms",
+            m.presences_dropped_total.clone(),
+        );
+        registry.register(
             "store_commits",
             "Store transactions committed (group commits)",
             m.commits_total.clone(),
@@ -225,6 +235,11 @@ impl Metrics {
             &self.positions_coalesced_total,
             &self.positions_seen,
             mqtt.positions_coalesced.load(Ordering::Relaxed),
+        );
+        advance(
+            &self.presences_dropped_total,
+            &self.presences_seen,
+            mqtt.presences_dropped.load(Ordering::Relaxed),
         );
         advance(
             &self.commits_total,

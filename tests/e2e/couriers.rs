@@ -1492,3 +1492,70 @@ async fn a_courier_flooding_its_position_costs_one_per_interval_and_the_newest_w
         "{coalesced} of {n} positions coalesced"
     );
 }
+
+/// A handheld that loops on the same presence while holding a job costs the daemon one
+/// presence per `limits.position_interval_ms`: not a store job and a fresh job message
+/// per repeat. A change (going offline) still passes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_courier_repeating_its_presence_costs_one_per_interval_and_a_change_passes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.limits.position_interval_ms = 500;
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let c = TestCourier::online(d.broker_addr, "test", "loop", "car", 37.5, 127.0).await;
+    courier_known(&db, "loop").await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "kiosk-1", Version::V4).await;
+    let a = kiosk.create(kiosk.call_body("m-1")).await;
+    let call = a["call"]["call_id"].as_str().unwrap().to_string();
+    c.wait_job(JobKind::Assigned, &call).await;
+
+    let jobs_before = c.jobs.lock().unwrap().len();
+    let store_before = d.writer_stats.jobs.load(Ordering::Relaxed);
+    let dropped_before = d.mqtt.presences_dropped.load(Ordering::Relaxed);
+    let n = 1000u64;
+    let started = Instant::now();
+    for _ in 0..n {
+        c.presence(true).await;
+    }
+    // Every repeat has reached the daemon once the counter accounts for all but the ones
+    // passed on; a marker position after them shows the inbound task is past them.
+    c.locate(37.5001, 127.0).await;
+    wait_until("the presences are read", || async {
+        let dropped = d.mqtt.presences_dropped.load(Ordering::Relaxed) - dropped_before;
+        let window = u64::try_from(started.elapsed().as_millis() / 500).unwrap_or(u64::MAX);
+        dropped + window + 3 >= n
+    })
+    .await;
+    let window = started.elapsed();
+    let allowed = u64::try_from(window.as_millis() / 500).unwrap_or(u64::MAX) + 3;
+    let dropped = d.mqtt.presences_dropped.load(Ordering::Relaxed) - dropped_before;
+    assert!(
+        dropped >= n - allowed,
+        "{dropped} of {n} repeated presences dropped within {window:?}"
+    );
+    // Each presence that passed re-tells the held job; the rest told nothing.
+    let told = u64::try_from(c.jobs.lock().unwrap().len() - jobs_before).unwrap();
+    assert!(
+        told <= allowed,
+        "{told} job messages for {n} repeated presences"
+    );
+    let store_jobs = d.writer_stats.jobs.load(Ordering::Relaxed) - store_before;
+    // Presences passed, the marker position, and their job messages' sent marks.
+    assert!(
+        store_jobs <= 3 * allowed + 3,
+        "{store_jobs} store jobs for {n} repeated presences"
+    );
+
+    // Going offline is a change: applied at once, well inside the interval.
+    c.presence(false).await;
+    wait_until("the courier is offline", || async {
+        open_db(&db)
+            .query_row("SELECT online FROM couriers WHERE id = 'loop'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .is_ok_and(|o| o == 0)
+    })
+    .await;
+    d.shutdown(DEADLINE).await.unwrap();
+}

@@ -307,6 +307,7 @@ async fn metrics_endpoint_counts_calls_and_couriers() {
             // The process with its embedded broker: more than a few MiB.
             && counter(&m, "pickupd_resident_bytes") > 4.0 * 1048576.0
             && m.contains("pickupd_memory_trims_total")
+            && m.contains("pickupd_presences_dropped_total")
             && m.contains("pickupd_memory_returned_bytes_total")
     })
     .await;

@@ -47,7 +47,8 @@ pub struct Live {
     pub admission: super::admission::AdmissionConfig,
     /// Calls waiting for a courier before new calls are refused.
     pub max_dispatching: usize,
-    /// One position per courier per this many milliseconds (`limits.position_interval_ms`).
+    /// One position per courier per this many milliseconds, and repeated presences dropped
+    /// within it (`limits.position_interval_ms`).
     pub position_interval_ms: u64,
 }
 
@@ -87,6 +88,8 @@ pub struct MqttState {
     pub shed: AtomicU64,
     /// Courier positions held back or replaced by a newer one ([`super::positions`]).
     pub positions_coalesced: AtomicU64,
+    /// Courier presences dropped as repeats ([`super::presences`]).
+    pub presences_dropped: AtomicU64,
     /// The status-read connection is up.
     pub reads_connected: AtomicBool,
     /// Its subscription is confirmed.
@@ -127,6 +130,8 @@ pub struct InboundCtx {
     pub read_link: bool,
     /// Courier positions, one per courier per interval (owned by this task).
     pub positions: super::positions::PositionGate,
+    /// Repeated courier presences, dropped within that interval (owned by this task).
+    pub presences: super::presences::PresenceGate,
 }
 
 /// Runs until told to stop or the client is closed.
@@ -156,7 +161,9 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
             _ = live.changed() => {
                 let l = live.borrow_and_update().clone();
                 ctx.admission.set_config(l.admission);
-                ctx.positions.set_interval(i64::try_from(l.position_interval_ms).unwrap_or(i64::MAX));
+                let interval = i64::try_from(l.position_interval_ms).unwrap_or(i64::MAX);
+                ctx.positions.set_interval(interval);
+                ctx.presences.set_interval(interval);
                 continue;
             }
         };
@@ -496,7 +503,13 @@ async fn route(ctx: &mut InboundCtx, m: Message) {
                         .map_err(|e| ErrorBody::new(ErrorCode::Invalid, e))
                 }) {
                 Ok(p) => {
-                    let _ = ctx.dispatch.send(Input::Presence(cid.to_string(), p)).await;
+                    let passed = ctx.presences.offer(cid, &p, crate::store::now_ms());
+                    ctx.state
+                        .presences_dropped
+                        .store(ctx.presences.dropped(), Ordering::Relaxed);
+                    if passed {
+                        let _ = ctx.dispatch.send(Input::Presence(cid.to_string(), p)).await;
+                    }
                 }
                 Err(e) => bad(ctx, &m.topic, ReplyPath::default(), e),
             }

@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod inbound;
 pub mod positions;
+pub mod presences;
 pub mod publisher;
 pub mod reads;
 
@@ -376,6 +377,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             beat: heartbeats.register("mqtt"),
             read_link: read_link.is_some(),
             positions: positions::PositionGate::new(
+                i64::try_from(cfg.limits.position_interval_ms).unwrap_or(i64::MAX),
+            ),
+            presences: presences::PresenceGate::new(
                 i64::try_from(cfg.limits.position_interval_ms).unwrap_or(i64::MAX),
             ),
         },
