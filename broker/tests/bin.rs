@@ -170,3 +170,98 @@ fn default_config_prints_and_reads_back() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A program from a Debian package the tests need (scripts/test installs them).
+fn require(program: &str, package: &str) -> std::path::PathBuf {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{program} is not installed: apt-get install -y {package} (scripts/test does this)"
+            )
+        })
+}
+
+/// A third-party client (`mosquitto_sub`) subscribing with a wildcard gets every retained
+/// message the filter matches, at QoS 0 and at QoS 1, though they are more than one
+/// in-flight window (200 and 100 by default): rumqttd as published sent the first window
+/// and dropped the rest.
+#[test]
+fn mosquitto_sub_gets_every_retained_message_beyond_a_window() {
+    use std::io::Read;
+    let sub_bin = require("mosquitto_sub", "mosquitto-clients");
+    let mut p = Proc(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (v4, _) = listening(&mut p);
+
+    // Publish n retained messages at QoS 0, then one at QoS 1: its PUBACK comes after the
+    // router has stored everything before it on this connection.
+    let n = 450usize;
+    let mut s = std::net::TcpStream::connect(v4).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut connect = vec![0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 2];
+    connect.extend_from_slice(b"p1");
+    s.write_all(&connect).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!((ack[0], ack[3]), (0x20, 0));
+    let publish = |i: usize, qos1: bool| {
+        let topic = format!("calls/{i}/state");
+        let payload = format!("s{i}");
+        let mut body = vec![0, u8::try_from(topic.len()).unwrap()];
+        body.extend_from_slice(topic.as_bytes());
+        if qos1 {
+            body.extend_from_slice(&[0, 1]);
+        }
+        body.extend_from_slice(payload.as_bytes());
+        let mut pkt = vec![
+            if qos1 { 0x33 } else { 0x31 },
+            u8::try_from(body.len()).unwrap(),
+        ];
+        pkt.extend_from_slice(&body);
+        pkt
+    };
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.extend_from_slice(&publish(i, false));
+    }
+    all.extend_from_slice(&publish(n, true));
+    s.write_all(&all).unwrap();
+    let mut puback = [0u8; 4];
+    s.read_exact(&mut puback).unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 1]);
+
+    for qos in ["0", "1"] {
+        let out = Command::new(&sub_bin)
+            .args(["-h", "127.0.0.1", "-p", &v4.port().to_string()])
+            .args(["-t", "calls/+/state", "-q", qos, "-v", "-W", "20"])
+            .args(["-C", &(n + 1).to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let got: std::collections::BTreeSet<&str> = text.lines().collect();
+        assert_eq!(
+            got.len(),
+            n + 1,
+            "QoS {qos}: {} messages of {}",
+            got.len(),
+            n + 1
+        );
+        for i in 0..=n {
+            assert!(
+                got.contains(format!("calls/{i}/state s{i}").as_str()),
+                "QoS {qos}: {i}"
+            );
+        }
+    }
+    sigterm(&p);
+    assert!(wait_exit(&mut p).success());
+}
