@@ -887,9 +887,9 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         }
         let settle_s = t0.elapsed().as_secs_f64();
         let m = Memory::read(Some(pid));
-        // Steady state: the couriers stay online, nothing else happens, for one period of
+        // Steady state: the couriers stay online, nothing else happens, for one check of
         // the daemon's own trimmer (pickupd::memory) and a little more.
-        let steady_after = pickupd::memory::TRIM_EVERY + Duration::from_secs(2);
+        let steady_after = pickupd::memory::CHECK_EVERY + Duration::from_secs(2);
         std::thread::sleep(steady_after);
         let steady = Memory::read(Some(pid));
         let trim_ms = child.trim()?;

@@ -6,9 +6,16 @@
 //! megabytes held for nothing: with the embedded broker and 10k couriers online,
 //! `malloc_trim` returned 2-3 MiB of a 34 MiB daemon (docs/performance.md, "Memory").
 //! Allocators such as jemalloc and mimalloc return such pages on a timer by themselves;
-//! this does the same for glibc: every [`TRIM_EVERY`], one `malloc_trim(0)` on a blocking
-//! thread. It takes well under a millisecond at that size, and allocations in the arena it
-//! is walking wait for it meanwhile.
+//! this does the same for glibc.
+//!
+//! A trim is not free: it walks every free chunk with the arena locked, so allocations on
+//! other threads wait for it. That is 0.1-2 ms for this daemon's usual 20-30 MiB, but
+//! about 15 ms for 100 MB of heap left full of holes and 130 ms for 1 GB (measured).
+//! So the resident size is looked at every [`CHECK_EVERY`] (one read of
+//! `/proc/self/statm`, no lock), and a trim runs only when it has grown by
+//! [`GROWN_BYTES`] since the last trim (a burst has come and gone, or is still on), or
+//! at the latest every [`TRIM_AT_LEAST_EVERY`]. A quiet or steady daemon is not trimmed
+//! over and over.
 //!
 //! Elsewhere than on glibc nothing is trimmed, and the resident size is still reported.
 
@@ -16,8 +23,46 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often free pages are handed back.
-pub const TRIM_EVERY: Duration = Duration::from_secs(10);
+/// How often the resident size is looked at.
+pub const CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// Growth of the resident size since the last trim that calls for another.
+pub const GROWN_BYTES: u64 = 1 << 20;
+
+/// The longest time between two trims.
+pub const TRIM_AT_LEAST_EVERY: Duration = Duration::from_secs(600);
+
+/// When the trimmer trims.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// How often the resident size is looked at.
+    pub check_every: Duration,
+    /// Growth since the last trim that calls for another.
+    pub grown_bytes: u64,
+    /// The longest time between two trims.
+    pub at_least_every: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            check_every: CHECK_EVERY,
+            grown_bytes: GROWN_BYTES,
+            at_least_every: TRIM_AT_LEAST_EVERY,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether to trim now: the resident size is `rss`, it was `floor` after the last trim
+    /// (or the lowest seen since; `None`: never trimmed), and that trim was `since` ago.
+    pub fn due(&self, rss: u64, floor: Option<u64>, since: Duration) -> bool {
+        match floor {
+            None => true,
+            Some(f) => rss >= f.saturating_add(self.grown_bytes) || since >= self.at_least_every,
+        }
+    }
+}
 
 /// What the trimmer did, for the metrics.
 #[derive(Debug, Default)]
@@ -69,27 +114,43 @@ fn release_free_pages() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_pages() {}
 
-/// Runs [`trim_once`] every `every` until `stop` turns true.
+/// Trims as `policy` says until `stop` turns true.
 pub async fn run(
     stats: Arc<TrimStats>,
-    every: Duration,
+    policy: Policy,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(policy.check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is immediate; start counting from now instead.
     tick.tick().await;
+    // Nothing trimmed yet: the first check after start trims (the start-up republishing
+    // has been through the heap by then).
+    let mut floor: Option<u64> = None;
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        let Some(rss) = resident_bytes() else {
+            continue;
+        };
+        floor = floor.map(|f| f.min(rss));
+        if !policy.due(rss, floor, last.elapsed()) {
+            continue;
+        }
         let s = stats.clone();
+        let started = std::time::Instant::now();
         let returned = tokio::task::spawn_blocking(move || trim_once(&s)).await;
+        last = tokio::time::Instant::now();
+        floor = Some(resident_bytes().unwrap_or(rss));
         if let Ok(bytes) = returned {
-            if bytes >= 1 << 20 {
-                tracing::debug!(mib = bytes as f64 / 1048576.0, "free heap pages returned");
-            }
+            tracing::debug!(
+                mib = bytes as f64 / 1048576.0,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "free heap pages returned"
+            );
         }
     }
 }
@@ -98,12 +159,58 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    #[test]
+    fn trims_when_grown_since_the_last_trim_or_when_it_is_long_ago() {
+        let p = Policy::default();
+        let mib = 1 << 20;
+        let floor = Some(30 * mib);
+        assert!(!p.due(30 * mib, floor, Duration::from_secs(10)));
+        assert!(!p.due(30 * mib + mib / 2, floor, Duration::from_secs(10)));
+        assert!(p.due(31 * mib, floor, Duration::from_secs(10)));
+        assert!(p.due(30 * mib, floor, TRIM_AT_LEAST_EVERY));
+        // Never trimmed: due.
+        assert!(p.due(30 * mib, None, Duration::ZERO));
+    }
+
+    /// A steady process is not trimmed over and over: with no growth called for and the
+    /// longest interval far away, nothing after the first check.
+    #[tokio::test]
+    async fn a_steady_process_is_not_trimmed_again() {
+        let stats = Arc::new(TrimStats::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let never_grown = Policy {
+            check_every: Duration::from_millis(5),
+            grown_bytes: u64::MAX / 2,
+            at_least_every: Duration::from_secs(3600),
+        };
+        let task = tokio::spawn(run(stats.clone(), never_grown, stop_rx));
+        // The first check trims (nothing trimmed yet).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.trims.load(Ordering::Relaxed) < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "no first trim");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Twenty more checks go by without a trim.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(stats.trims.load(Ordering::Relaxed), 1);
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the task ends once stopped")
+            .unwrap();
+    }
+
     /// The task trims on its period and ends when told to stop.
     #[tokio::test]
     async fn trims_every_period_until_stopped() {
         let stats = Arc::new(TrimStats::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run(stats.clone(), Duration::from_millis(10), stop_rx));
+        let every_check = Policy {
+            check_every: Duration::from_millis(10),
+            grown_bytes: 0,
+            at_least_every: Duration::from_secs(3600),
+        };
+        let task = tokio::spawn(run(stats.clone(), every_check, stop_rx));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while stats.trims.load(Ordering::Relaxed) < 3 {
             assert!(tokio::time::Instant::now() < deadline, "no trims");

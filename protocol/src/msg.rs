@@ -319,7 +319,7 @@ pub struct CallView {
 }
 
 /// Online/offline, as in the retained `couriers/<cid>/presence` (also the last will).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PresenceState {
     /// Connected.

@@ -156,6 +156,7 @@ pub async fn run(mut events: LinkEvents, mut ctx: InboundCtx) {
                 let (state, t) = ctx.admission.state(now);
                 report_admission(&ctx, state, t);
                 release_positions(&mut ctx);
+                ctx.presences.tick(now);
                 continue;
             }
             _ = live.changed() => {

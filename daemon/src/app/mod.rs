@@ -468,7 +468,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let trim_stats = Arc::new(crate::memory::TrimStats::default());
     tokio::spawn(crate::memory::run(
         trim_stats.clone(),
-        crate::memory::TRIM_EVERY,
+        crate::memory::Policy::default(),
         stop_rx_for_scales.clone(),
     ));
 

@@ -13,41 +13,39 @@
 //! is never delayed, and nor is the online after it. At most one unchanged presence per
 //! courier per interval reaches the loop, so its last-seen time stays within an interval
 //! of the truth.
+//!
+//! The gate remembers a courier for one interval after its last presence passed, as a
+//! 64-bit digest of what it said (a change that digests the same as before, one chance in
+//! 2^64, would be dropped like a repeat). Entries are forgotten on the
+//! inbound task's once-a-second tick, and room left by a burst (a fleet announcing itself)
+//! is given back.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 
-use pickup_protocol::{Millis, Presence, PresenceState, Vehicle};
+use pickup_protocol::{Millis, Presence};
 
-/// What a presence says, without its device time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Said {
-    state: PresenceState,
-    available: bool,
-    name: Option<String>,
-    vehicle: Option<Vehicle>,
-    tel: Option<String>,
-}
-
-impl From<&Presence> for Said {
-    fn from(p: &Presence) -> Self {
-        Self {
-            state: p.state,
-            available: p.available,
-            name: p.name.clone(),
-            vehicle: p.vehicle,
-            tel: p.tel.clone(),
-        }
-    }
+/// A digest of what a presence says, without its device time.
+fn said(p: &Presence) -> u64 {
+    // SipHash with fixed keys: the same presence digests the same in every run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.state.hash(&mut h);
+    p.available.hash(&mut h);
+    p.name.hash(&mut h);
+    p.vehicle.hash(&mut h);
+    p.tel.hash(&mut h);
+    h.finish()
 }
 
 /// The per-courier gate (owned by the inbound task; times are `store::now_ms`).
 #[derive(Debug, Default)]
 pub struct PresenceGate {
     interval_ms: Millis,
-    /// The last presence passed on per courier, and when (only while that is recent).
-    last: HashMap<String, (Millis, Said)>,
+    /// When the last presence passed on per courier did, and what it said (only while that
+    /// is recent).
+    last: HashMap<Box<str>, (Millis, u64)>,
     /// `last` entries in the order they were set, to forget them once they are old.
-    passed: VecDeque<(Millis, String)>,
+    passed: VecDeque<(Millis, Box<str>)>,
     /// Presences dropped so far.
     dropped: u64,
 }
@@ -69,7 +67,7 @@ impl PresenceGate {
     /// A presence arrived at `now`: whether it goes on to the dispatch loop.
     pub fn offer(&mut self, cid: &str, p: &Presence, now: Millis) -> bool {
         self.forget_old(now);
-        let said = Said::from(p);
+        let said = said(p);
         if let Some((t, last)) = self.last.get(cid) {
             if self.interval_ms > 0 && now < t.saturating_add(self.interval_ms) && *last == said {
                 self.dropped += 1;
@@ -77,10 +75,15 @@ impl PresenceGate {
             }
         }
         if self.interval_ms > 0 {
-            self.last.insert(cid.to_string(), (now, said));
-            self.passed.push_back((now, cid.to_string()));
+            self.last.insert(cid.into(), (now, said));
+            self.passed.push_back((now, cid.into()));
         }
         true
+    }
+
+    /// Forgets what is older than one interval (the inbound task's tick).
+    pub fn tick(&mut self, now: Millis) {
+        self.forget_old(now);
     }
 
     /// Presences dropped so far.
@@ -106,12 +109,19 @@ impl PresenceGate {
                 self.last.remove(&cid);
             }
         }
+        // A burst (every courier announcing itself at start) leaves room for all of them
+        // behind; give it back once the gate is mostly empty again.
+        if self.last.capacity() > 64 && self.last.len() < self.last.capacity() / 4 {
+            self.last.shrink_to(self.last.len() * 2);
+            self.passed.shrink_to(self.passed.len() * 2);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pickup_protocol::{PresenceState, Vehicle};
 
     fn presence(state: PresenceState, available: bool, at: Option<Millis>) -> Presence {
         Presence {
@@ -165,8 +175,11 @@ mod tests {
             assert!(g.offer(&format!("k{i}"), &on, i));
         }
         assert_eq!(g.remembered(), 500);
-        // Long after: every entry is forgotten once the next presence comes.
-        assert!(g.offer("k0", &on, 10_000));
+        // Long after, the tick forgets them all, and the room they took.
+        g.tick(10_000);
+        assert_eq!(g.remembered(), 0);
+        assert!(g.last.capacity() <= 64, "{}", g.last.capacity());
+        assert!(g.offer("k0", &on, 10_001));
         assert_eq!(g.remembered(), 1);
 
         let mut open = PresenceGate::new(0);
