@@ -50,8 +50,21 @@ fn wait_exit(p: &mut Proc) -> std::process::ExitStatus {
     }
 }
 
-/// An MQTT 3.1.1 CONNECT with a clean session and no credentials; answers CONNACK code.
-fn mqtt_connect(addr: SocketAddr) -> std::io::Result<u8> {
+/// Starts the binary with `args`, its stdout piped for [`listening`].
+fn start(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// An MQTT 3.1.1 CONNECT with a clean session and no credentials; answers the connection
+/// and the CONNACK code.
+fn mqtt_session(addr: SocketAddr) -> std::io::Result<(std::net::TcpStream, u8)> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -61,7 +74,12 @@ fn mqtt_connect(addr: SocketAddr) -> std::io::Result<u8> {
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack)?;
     assert_eq!(ack[0], 0x20);
-    Ok(ack[3])
+    Ok((s, ack[3]))
+}
+
+/// The CONNACK code a CONNECT gets (see [`mqtt_session`]).
+fn mqtt_connect(addr: SocketAddr) -> std::io::Result<u8> {
+    mqtt_session(addr).map(|(_, code)| code)
 }
 
 fn sigterm(p: &Proc) {
@@ -72,14 +90,7 @@ fn sigterm(p: &Proc) {
 
 #[test]
 fn runs_serves_and_stops_on_sigterm() {
-    let mut p = Proc(
-        Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--listen-v5", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut p = start(&["--listen", "127.0.0.1:0", "--listen-v5", "127.0.0.1:0"]);
     let (v4, v5) = listening(&mut p);
     assert_ne!(v4.port(), 0);
     assert!(v5.is_some());
@@ -101,16 +112,8 @@ fn config_file_is_read_and_listen_flag_overrides_it() {
         "[broker]\nlisten = \"127.0.0.1:1\"\nmax_payload = 4096\n[broker.users]\nkiosk = \"pw\"\n",
     )
     .unwrap();
-    let mut p = Proc(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let config = path.to_str().unwrap();
+    let mut p = start(&["--config", config, "--listen", "127.0.0.1:0"]);
     let (v4, _) = listening(&mut p);
     assert_ne!(v4.port(), 1);
     // Users are configured, so an anonymous CONNECT is refused (rumqttd closes the
@@ -192,27 +195,14 @@ fn require(program: &str, package: &str) -> std::path::PathBuf {
 fn mosquitto_sub_gets_every_retained_message_beyond_a_window() {
     use std::io::Read;
     let sub_bin = require("mosquitto_sub", "mosquitto-clients");
-    let mut p = Proc(
-        Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut p = start(&["--listen", "127.0.0.1:0"]);
     let (v4, _) = listening(&mut p);
 
     // Publish n retained messages at QoS 0, then one at QoS 1: its PUBACK comes after the
     // router has stored everything before it on this connection.
     let n = 450usize;
-    let mut s = std::net::TcpStream::connect(v4).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut connect = vec![0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 2];
-    connect.extend_from_slice(b"p1");
-    s.write_all(&connect).unwrap();
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).unwrap();
-    assert_eq!((ack[0], ack[3]), (0x20, 0));
+    let (mut s, code) = mqtt_session(v4).unwrap();
+    assert_eq!(code, 0);
     let publish = |i: usize, qos1: bool| {
         let topic = format!("calls/{i}/state");
         let payload = format!("s{i}");

@@ -159,6 +159,15 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    /// Tells the trimmer to stop and waits for it to end.
+    async fn stopped(stop: tokio::sync::watch::Sender<bool>, task: tokio::task::JoinHandle<()>) {
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the task ends once stopped")
+            .unwrap();
+    }
+
     #[test]
     fn trims_when_grown_since_the_last_trim_or_when_it_is_long_ago() {
         let p = Policy::default();
@@ -193,11 +202,7 @@ mod tests {
         // Twenty more checks go by without a trim.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(stats.trims.load(Ordering::Relaxed), 1);
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the task ends once stopped")
-            .unwrap();
+        stopped(stop_tx, task).await;
     }
 
     /// The task trims on its period and ends when told to stop.
@@ -216,11 +221,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "no trims");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        stop_tx.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the task ends once stopped")
-            .unwrap();
+        stopped(stop_tx, task).await;
     }
 
     #[test]
