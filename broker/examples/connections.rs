@@ -74,7 +74,7 @@ async fn main() -> Result<(), Error> {
     for _ in 0..n {
         done_rx.recv().await.ok_or("a client stopped")?;
     }
-    // The broker frees what was read at most once a second.
+    // The broker frees what was read within a second.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_mib(&pid);
     let per = |a: f64, b: f64| (b - a) * 1024.0 / n as f64;

@@ -38,7 +38,7 @@ async fn main() -> Result<(), Error> {
         done_rx.recv().await.ok_or("a reader stopped")?;
     }
     let read = t0.elapsed();
-    // The broker frees what was read at most once a second.
+    // The broker frees what was read within a second.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (after_heap, after_rss) = memory();
     println!(

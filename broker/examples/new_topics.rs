@@ -45,7 +45,7 @@ async fn main() -> Result<(), Error> {
 
     let (heap0, rss0) = memory();
     let first = round(&p, &mut pev, &mut wev, m).await?;
-    // The broker frees what every reader has read once a second: wait for it, so that
+    // The broker frees what every reader has read within a second: wait for it, so that
     // what stays is what the topics left behind.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let (heap1, rss1) = memory();

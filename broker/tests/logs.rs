@@ -2,7 +2,7 @@
 //! freed (vendor/README.md, patch 9), and nothing a reader may still need is.
 //!
 //! Heap in use (`mallinfo2`, all arenas) shows the broker freeing a log's entries. Every
-//! wait here is for a condition with a deadline; the broker frees at most once a second.
+//! wait here is for a condition with a deadline; the broker frees read entries within a second.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

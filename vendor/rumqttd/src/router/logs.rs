@@ -156,23 +156,25 @@ impl DataLog {
     }
 
     /// pickupd patch: frees up to `budget` entries towards the targets set by
-    /// `set_trim_targets`; returns whether any target is left.
-    pub fn trim_step(&mut self, mut budget: u64) -> bool {
+    /// `set_trim_targets`; returns whether any target is left, and how many entries
+    /// were freed.
+    pub fn trim_step(&mut self, budget: u64) -> (bool, u64) {
+        let mut left = budget;
         while let Some(&(idx, target)) = self.trim_targets.last() {
             let freed = self
                 .native
                 .get_mut(idx)
-                .map_or(0, |data| data.log.trim(target, budget));
-            if freed < budget {
+                .map_or(0, |data| data.log.trim(target, left));
+            if freed < left {
                 // Nothing before the target is left in that log.
                 self.trim_targets.pop();
             }
-            budget -= freed.min(budget);
-            if budget == 0 {
+            left -= freed.min(left);
+            if left == 0 {
                 break;
             }
         }
-        !self.trim_targets.is_empty()
+        (!self.trim_targets.is_empty(), budget - left)
     }
 
     /// pickupd patch: one past the largest filter index in use (for sizing `trim`'s
@@ -607,6 +609,44 @@ mod test {
         data.next_native_offset("+/+");
 
         assert_eq!(data.matches("topic/a").unwrap().len(), 1);
+    }
+
+    // pickupd patch: trimming frees entries up to the targets, a budget at a time, and
+    // says how many it freed (the router gathers less often after rounds that freed none).
+    #[test]
+    fn trimming_frees_up_to_the_targets_and_counts_what_it_freed() {
+        use crate::protocol::Publish;
+        let config = RouterConfig {
+            max_segment_size: 1024 * 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (idx, start) = data.next_native_offset("t/+");
+        let log = &mut data.native.get_mut(idx).unwrap().log;
+        for i in 0..10 {
+            log.append((Publish::new(format!("t/{i}"), "v".to_string(), false), None).into());
+        }
+        // A reader at the seventh entry: six are freeable.
+        let keep = (start.0, start.1 + 6);
+        let mut targets = vec![None; data.filter_index_end()];
+        targets[idx] = Some(keep);
+        data.set_trim_targets(&targets);
+        assert!(data.untrimmed);
+        assert_eq!(data.trim_step(4), (true, 4));
+        assert_eq!(data.trim_step(4), (false, 2));
+        assert_eq!(data.trim_step(4), (false, 0));
+        // The same target again frees nothing: the log still holds what the reader needs.
+        data.set_trim_targets(&targets);
+        assert_eq!(data.trim_step(4), (false, 0));
+        let mut left = Vec::new();
+        let log = &data.native.get(idx).unwrap().log;
+        log.readv(keep, 100, &mut left).unwrap();
+        assert_eq!(left.len(), 4);
     }
 
     // pickupd patch: a subscription gets exactly the retained messages its filter matches,
