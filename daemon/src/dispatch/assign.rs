@@ -2,6 +2,7 @@
 //! index so that the search looks only at couriers near the pickup point.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use pickup_protocol::{Millis, ParcelClass};
 
@@ -45,7 +46,7 @@ pub struct Candidate {
 
 /// Whether `c` may get the call, and its distance if so.
 pub fn eligible(c: &Courier, need: &Need<'_>, now: Millis) -> Option<f64> {
-    if !c.online || !c.available || !c.is_free() || need.excluded.contains(&c.id) {
+    if !c.online || !c.available || !c.is_free() || need.excluded.contains(&*c.id) {
         return None;
     }
     if !c.vehicle.is_some_and(|v| v.can_carry(need.class)) {
@@ -83,7 +84,7 @@ fn best_of<'a>(
 
 fn candidate((c, d): (&Courier, f64)) -> Candidate {
     Candidate {
-        courier_id: c.id.clone(),
+        courier_id: c.id.to_string(),
         distance_m: d,
     }
 }
@@ -113,27 +114,27 @@ fn cell_of(lat: f64, lon: f64) -> Cell {
 struct Spot {
     lat: f64,
     lon: f64,
-    id: String,
+    id: Arc<str>,
 }
 
 /// Couriers bucketed by grid cell of their last position.
 #[derive(Debug, Default)]
 pub struct GridIndex {
     cells: HashMap<Cell, Vec<Spot>>,
-    where_is: HashMap<String, Cell>,
+    where_is: HashMap<Arc<str>, Cell>,
 }
 
 impl GridIndex {
     /// Records (or moves) a courier's position. Must be called whenever a courier's
     /// position changes: the search trusts the position kept here to skip couriers.
-    pub fn update(&mut self, id: &str, lat: f64, lon: f64) {
+    pub fn update(&mut self, id: &Arc<str>, lat: f64, lon: f64) {
         let cell = cell_of(lat, lon);
-        match self.where_is.get(id) {
+        match self.where_is.get(&**id) {
             Some(old) if *old == cell => {
                 if let Some(s) = self
                     .cells
                     .get_mut(&cell)
-                    .and_then(|v| v.iter_mut().find(|s| s.id == id))
+                    .and_then(|v| v.iter_mut().find(|s| s.id == *id))
                 {
                     s.lat = lat;
                     s.lon = lon;
@@ -143,7 +144,7 @@ impl GridIndex {
             Some(old) => {
                 let old = *old;
                 if let Some(v) = self.cells.get_mut(&old) {
-                    if let Some(i) = v.iter().position(|s| s.id == id) {
+                    if let Some(i) = v.iter().position(|s| s.id == *id) {
                         v.swap_remove(i);
                     }
                     if v.is_empty() {
@@ -156,9 +157,9 @@ impl GridIndex {
         self.cells.entry(cell).or_default().push(Spot {
             lat,
             lon,
-            id: id.to_string(),
+            id: Arc::clone(id),
         });
-        self.where_is.insert(id.to_string(), cell);
+        self.where_is.insert(Arc::clone(id), cell);
     }
 
     /// Best eligible courier within the radius, looking only at nearby cells: rings of
@@ -166,7 +167,7 @@ impl GridIndex {
     /// in a farther ring could be closer than the best found so far.
     pub fn best(
         &self,
-        couriers: &HashMap<String, Box<Courier>>,
+        couriers: &HashMap<Arc<str>, Box<Courier>>,
         need: &Need<'_>,
         now: Millis,
     ) -> Option<Candidate> {
@@ -241,7 +242,7 @@ impl GridIndex {
             }
         }
         best.map(|(c, d)| Candidate {
-            courier_id: c.id.clone(),
+            courier_id: c.id.to_string(),
             distance_m: d,
         })
     }
@@ -374,7 +375,7 @@ mod tests {
                 c.available = *avail;
                 c.online = *online || i % 3 == 0;
                 if i % exclude_every == 0 {
-                    excluded.insert(c.id.clone());
+                    excluded.insert(c.id.to_string());
                 }
                 grid.update(&c.id, lat, lon);
                 map.insert(c.id.clone(), Box::new(c));
@@ -407,8 +408,9 @@ mod tests {
     #[test]
     fn moving_updates_buckets() {
         let mut g = GridIndex::default();
-        g.update("a", 37.5, 127.0);
-        g.update("a", 38.5, 127.0);
+        let a: Arc<str> = Arc::from("a");
+        g.update(&a, 37.5, 127.0);
+        g.update(&a, 38.5, 127.0);
         assert_eq!(g.where_is.len(), 1);
         assert_eq!(g.cells.values().map(Vec::len).sum::<usize>(), 1);
     }
@@ -425,20 +427,19 @@ mod tests {
         // Occupied cells elsewhere, so that the ring search runs (a nearly empty index
         // is scanned linearly).
         for i in 0..10 {
-            g.update(&format!("far{i}"), 38.0 + f64::from(i) * 0.01, 127.0);
+            g.update(&format!("far{i}").into(), 38.0 + f64::from(i) * 0.01, 127.0);
         }
         for (id, lat) in [("b", 37.5 + 0.001), ("a", 37.5 + 0.002)] {
-            couriers.insert(
-                id.to_string(),
-                Box::new(courier(id, lat, 127.0, Vehicle::Car, 0)),
-            );
-            g.update(id, lat, 127.0);
+            let c = courier(id, lat, 127.0, Vehicle::Car, 0);
+            g.update(&c.id, lat, 127.0);
+            couriers.insert(Arc::clone(&c.id), Box::new(c));
         }
         assert_eq!(cell_of(37.5 + 0.002, 127.0), cell_of(37.5, 127.0));
         assert_eq!(g.best(&couriers, &n, 1_000).unwrap().courier_id, "b");
         let a = couriers.get_mut("a").unwrap();
         a.lat = Some(37.5);
-        g.update("a", 37.5, 127.0);
+        let a = Arc::clone(&a.id);
+        g.update(&a, 37.5, 127.0);
         assert_eq!(g.best(&couriers, &n, 1_000).unwrap().courier_id, "a");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
+use std::sync::Arc;
 
 use pickup_protocol::answer::{CallAnswer, CreateAnswer, JobReplyAnswer};
 use pickup_protocol::validate::mask_phone;
@@ -268,7 +269,7 @@ pub struct Dispatcher {
     timer_at: BTreeMap<String, Millis>,
     /// Boxed: the map's spare buckets (up to half of them after it grows) then cost a
     /// pointer each instead of a whole courier (about 200 bytes).
-    couriers: HashMap<String, Box<Courier>>,
+    couriers: HashMap<Arc<str>, Box<Courier>>,
     grid: GridIndex,
     /// Recent courier reply ids, to drop repeats before they reach the database.
     seen_replies: HashSet<String>,
@@ -288,6 +289,22 @@ pub struct Dispatcher {
 }
 
 const SEEN_REPLIES: usize = 4096;
+
+/// The courier `cid` in `couriers`, added if first heard of. A known courier's id is
+/// shared, not copied: this runs for every position report.
+fn courier_entry<'a>(
+    couriers: &'a mut HashMap<Arc<str>, Box<Courier>>,
+    cid: &str,
+    now: Millis,
+) -> &'a mut Courier {
+    let key = match couriers.get_key_value(cid) {
+        Some((k, _)) => Arc::clone(k),
+        None => Arc::from(cid),
+    };
+    couriers
+        .entry(key)
+        .or_insert_with_key(|k| Box::new(Courier::with_id(Arc::clone(k), now)))
+}
 
 impl Dispatcher {
     /// An empty dispatcher.
@@ -338,7 +355,7 @@ impl Dispatcher {
             if c.online {
                 self.online += 1;
             }
-            self.couriers.insert(c.id.clone(), Box::new(c));
+            self.couriers.insert(Arc::clone(&c.id), Box::new(c));
         }
         for call in calls {
             if call.is_pending() {
@@ -755,10 +772,7 @@ impl Dispatcher {
     /// A courier's presence (online/offline, shift, profile).
     pub fn presence(&mut self, cid: &str, p: Presence, now: Millis) -> Decision {
         let mut d = Decision::default();
-        let c = self
-            .couriers
-            .entry(cid.to_string())
-            .or_insert_with(|| Box::new(Courier::new(cid, now)));
+        let c = courier_entry(&mut self.couriers, cid, now);
         let was_online = c.online;
         let was_available = c.available;
         if p.name.is_some() {
@@ -837,16 +851,14 @@ impl Dispatcher {
 
     /// A courier's position. Device time is clamped to the arrival time.
     pub fn location(&mut self, cid: &str, loc: CourierLocation, now: Millis) -> Decision {
-        let c = self
-            .couriers
-            .entry(cid.to_string())
-            .or_insert_with(|| Box::new(Courier::new(cid, now)));
+        let c = courier_entry(&mut self.couriers, cid, now);
         c.lat = Some(loc.lat);
         c.lon = Some(loc.lon);
         c.location_at = Some(loc.at.map_or(now, |a| a.min(now)));
         c.last_seen = now;
         let eligible_now = c.online && c.available && c.is_free();
-        self.grid.update(cid, loc.lat, loc.lon);
+        let id = Arc::clone(&c.id);
+        self.grid.update(&id, loc.lat, loc.lon);
         if eligible_now && !self.pending.is_empty() {
             self.freed.insert(cid.to_string());
         }
@@ -1288,7 +1300,7 @@ impl Dispatcher {
                 let Some(key) = next.cloned() else { break };
                 let free: Vec<&Courier> = freed
                     .iter()
-                    .filter_map(|id| self.couriers.get(id).map(|c| &**c))
+                    .filter_map(|id| self.couriers.get(id.as_str()).map(|c| &**c))
                     .filter(|c| c.online && c.available && c.is_free())
                     .collect();
                 if free.is_empty() && ahead.is_empty() {
@@ -1347,7 +1359,7 @@ impl Dispatcher {
                     });
                     call.updated_at = now;
                 }
-                if let Some(c) = self.couriers.get_mut(&best.courier_id) {
+                if let Some(c) = self.couriers.get_mut(best.courier_id.as_str()) {
                     c.offered_call = Some(id.to_string());
                 }
                 self.unpend(id);

@@ -593,7 +593,7 @@ fn superseded<R>(batch: &[WriteJob<R>]) -> HashSet<(usize, usize)> {
         for (k, ch) in changes.iter().enumerate() {
             let prev = match ch {
                 Change::Call(c) => calls.insert(c.id.as_str(), (j, k)),
-                Change::Courier(c) => couriers.insert(c.id.as_str(), (j, k)),
+                Change::Courier(c) => couriers.insert(&*c.id, (j, k)),
                 _ => None,
             };
             if let Some(p) = prev {
