@@ -13,11 +13,11 @@ pub struct Courier {
     /// same one instead of three more copies (10k couriers: about 1 MB).
     pub id: Arc<str>,
     /// Display name.
-    pub name: Option<String>,
+    pub name: Option<Box<str>>,
     /// Vehicle; a courier without one is never eligible.
     pub vehicle: Option<Vehicle>,
     /// Phone number (shown masked).
-    pub tel: Option<String>,
+    pub tel: Option<Box<str>>,
     /// Connected (presence online, last will not fired).
     pub online: bool,
     /// On shift.
@@ -29,9 +29,9 @@ pub struct Courier {
     /// When the position was taken (device time, clamped to arrival).
     pub location_at: Option<Millis>,
     /// The call it is assigned to (assigned or picked up).
-    pub active_call: Option<String>,
+    pub active_call: Option<Box<str>>,
     /// The call it has an open offer for.
-    pub offered_call: Option<String>,
+    pub offered_call: Option<Box<str>>,
     /// Free since (ties in ranking go to the longest idle).
     pub idle_since: Millis,
     /// Last message from it.

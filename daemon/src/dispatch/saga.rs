@@ -550,8 +550,9 @@ impl Dispatcher {
     fn courier_name(&self, cid: &str) -> String {
         self.couriers
             .get(cid)
-            .and_then(|c| c.name.clone())
-            .unwrap_or_else(|| cid.to_string())
+            .and_then(|c| c.name.as_deref())
+            .unwrap_or(cid)
+            .to_string()
     }
 
     fn put_call(&self, d: &mut Decision, id: &str) {
@@ -775,14 +776,14 @@ impl Dispatcher {
         let c = courier_entry(&mut self.couriers, cid, now);
         let was_online = c.online;
         let was_available = c.available;
-        if p.name.is_some() {
-            c.name = p.name;
+        if let Some(name) = p.name {
+            c.name = Some(name.into_boxed_str());
         }
         if p.vehicle.is_some() {
             c.vehicle = p.vehicle;
         }
-        if p.tel.is_some() {
-            c.tel = p.tel;
+        if let Some(tel) = p.tel {
+            c.tel = Some(tel.into_boxed_str());
         }
         c.online = p.state == PresenceState::Online;
         c.available = p.available;
@@ -1162,7 +1163,7 @@ impl Dispatcher {
             return;
         };
         c.offered_call = None;
-        c.active_call = Some(call_id.to_string());
+        c.active_call = Some(call_id.into());
         let (clat, clon) = (c.lat.unwrap_or(0.0), c.lon.unwrap_or(0.0));
         let Some(call) = self.calls.get_mut(call_id) else {
             return;
@@ -1174,7 +1175,7 @@ impl Dispatcher {
         let c = self.couriers.get(cid);
         let brief = CourierBrief {
             courier_id: cid.to_string(),
-            name: c.and_then(|c| c.name.clone()),
+            name: c.and_then(|c| c.name.as_deref().map(str::to_string)),
             vehicle: c
                 .and_then(|c| c.vehicle)
                 .unwrap_or(pickup_protocol::Vehicle::Car),
@@ -1360,7 +1361,7 @@ impl Dispatcher {
                     call.updated_at = now;
                 }
                 if let Some(c) = self.couriers.get_mut(best.courier_id.as_str()) {
-                    c.offered_call = Some(id.to_string());
+                    c.offered_call = Some(Box::from(id));
                 }
                 self.unpend(id);
                 if let Some(call) = self.calls.get(id) {
@@ -1539,7 +1540,7 @@ impl Dispatcher {
             (None, Some(id)) => (id, Some(JobKind::Offer)),
             (None, None) => return None,
         };
-        let call = self.calls.get(call_id)?;
+        let call = self.calls.get(&**call_id)?;
         let kind = kind.unwrap_or(match call.status {
             CallStatus::PickedUp => JobKind::PickedUp,
             _ => JobKind::Assigned,
