@@ -161,6 +161,8 @@ fn new_pickup_code() -> String {
 /// Starts the daemon: store, broker (embedded unless `mqtt.url`), MQTT client, loops.
 /// Returns once everything runs; `ready` turns true when subscriptions are confirmed.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    // Before the first argon2id check (the daemon's own identity, below).
+    crate::memory::configure();
     let topics = Topics::new(&cfg.site).context("site")?;
     let path: PathBuf = cfg.store.path.clone();
     let now = now_ms();

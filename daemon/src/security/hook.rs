@@ -6,7 +6,7 @@
 //! add|remove|rotate` apply to the next CONNECT without a restart; a file that became
 //! unreadable keeps the last good registry in force and is logged.
 //!
-//! argon2 is slow on purpose (tens of milliseconds, 19 MiB). So that a reconnect storm
+//! argon2 is slow on purpose (tens of milliseconds, 7 MiB). So that a reconnect storm
 //! does not burn the CPU or the memory:
 //! - a successful check is remembered, keyed by device id and a SHA-256 of the password,
 //!   and valid only while the device's stored hash is unchanged (rotation or removal
