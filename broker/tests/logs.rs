@@ -137,15 +137,18 @@ async fn receive(
 }
 
 /// Proves that the broker has freed entries since the call: a reader of `canary/#` reads
-/// `CANARY` new messages, then the heap in use must fall by most of their size. Whatever
-/// the broker freed in that pass, it decided with the state the test holds meanwhile.
+/// `CANARY` new messages (about 3 MiB of log entries), then the heap in use must come
+/// back to within half of that of where it was before them. The broker may free them
+/// while they are still arriving (it looks every 100 ms), so the level before is the
+/// reference, not a peak measured afterwards. Whatever the broker freed in that pass, it
+/// decided with the state the test holds meanwhile.
 async fn a_trim_has_run(p: &AsyncClient, pev: &mut EventLoop, cev: &mut EventLoop, round: &str) {
     let prefix = format!("canary{round}");
+    let before = heap_in_use();
     let reading = receive(cev, None, &prefix, CANARY);
     let ((seen, _), ()) = tokio::join!(reading, publish(p, pev, &prefix, CANARY));
     assert_eq!(seen.len(), CANARY);
-    let peak = heap_in_use();
-    heap_falls_to(peak - 2 * MIB, &format!("canary round {round} freed")).await;
+    heap_falls_to(before + 3 * MIB / 2, &format!("canary round {round} freed")).await;
 }
 
 /// A subscriber that stops acknowledging (QoS 1 messages in flight), then drops off with
@@ -220,9 +223,9 @@ async fn read_entries_are_freed_and_no_reader_loses_one() {
     assert_eq!(seen.len(), JOBS, "the slow reader lost messages");
     assert!(all >= JOBS);
 
-    // Everyone has read and acknowledged every job: their entries are freed.
-    let all_read = heap_in_use();
-    heap_falls_to(all_read - MIB, "the read jobs freed").await;
+    // Everyone has read and acknowledged every job: their entries are freed (at least
+    // half of what the log held; some may have gone while the slow reader caught up).
+    heap_falls_to((before_jobs + jobs_held) / 2, "the read jobs freed").await;
     drop(slow);
     broker.shutdown();
 }
