@@ -225,11 +225,7 @@ mod tests {
         };
         let task = tokio::spawn(run(stats.clone(), never_grown, stop_rx));
         // The first check trims (nothing trimmed yet).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while stats.trims.load(Ordering::Relaxed) < 1 {
-            assert!(tokio::time::Instant::now() < deadline, "no first trim");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        trims_reach(&stats, 1, "no first trim").await;
         // Twenty more checks go by without a trim.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(stats.trims.load(Ordering::Relaxed), 1);
@@ -247,12 +243,17 @@ mod tests {
             at_least_every: Duration::from_secs(3600),
         };
         let task = tokio::spawn(run(stats.clone(), every_check, stop_rx));
+        trims_reach(&stats, 3, "no trims").await;
+        stopped(stop_tx, task).await;
+    }
+
+    /// Waits (10 s at most, else panics with `what`) until `stats` counts `n` trims.
+    async fn trims_reach(stats: &TrimStats, n: u64, what: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while stats.trims.load(Ordering::Relaxed) < 3 {
-            assert!(tokio::time::Instant::now() < deadline, "no trims");
+        while stats.trims.load(Ordering::Relaxed) < n {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        stopped(stop_tx, task).await;
     }
 
     #[test]
