@@ -67,6 +67,9 @@ struct Shared {
     /// calls, which the run then reported as the daemon's latency.
     keep_codes: bool,
     codes: Mutex<HashMap<String, Slot>>,
+    /// Whether a watcher follows the state topics, so that kiosks note when each call was
+    /// created (else nothing would ever take the entries out again).
+    track_created: bool,
     /// Call id → when its create request was sent (measured calls only).
     created: Mutex<HashMap<String, Instant>>,
     /// Call id → when the watcher first saw it `assigned` on its state topic.
@@ -225,6 +228,7 @@ impl Rig {
         let topics = Topics::new(&o.site)?;
         let shared = Arc::new(Shared {
             keep_codes: o.finish_jobs,
+            track_created: o.watch_states,
             ..Shared::default()
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -354,7 +358,7 @@ impl Rig {
             latency: Summary::of(&mut t.lat),
             ..Default::default()
         };
-        if !p.echo {
+        if !p.echo && self.shared.track_created {
             // Let assignments of the last calls arrive.
             let settle = Instant::now() + Duration::from_secs(2);
             loop {
@@ -467,7 +471,7 @@ impl KioskCtx {
                         .and_then(Value::as_str)
                         .map(str::to_string);
                     if let (Some(id), Some(code)) = (id, code) {
-                        if measured {
+                        if measured && self.shared.track_created {
                             lock(&self.shared.created).insert(id.clone(), t0);
                         }
                         self.shared.code_known(&id, code);
