@@ -619,42 +619,7 @@ fn apply_batch<R>(
                 before,
                 limit,
                 topics,
-            } => {
-                let ids: Vec<String> = tx
-                    .prepare_cached(
-                        "SELECT id FROM calls WHERE status IN ('completed', 'cancelled', 'failed')
-                         AND updated_at < ?1 ORDER BY updated_at LIMIT ?2",
-                    )?
-                    .query_map(params![before, *limit as i64], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                for id in &ids {
-                    tx.prepare_cached("DELETE FROM events WHERE call_id = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM requests WHERE call_id = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM courier_replies WHERE call_id = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM deliveries WHERE call_id = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM assignments WHERE call_id = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM calls WHERE id = ?1")?
-                        .execute([id])?;
-                    // An empty retained message clears the call's state topic.
-                    let m = OutMsg {
-                        topic: topics.call_state(id),
-                        payload: Vec::new(),
-                        retain: true,
-                        expiry_s: None,
-                    };
-                    apply_change(&tx, &Change::Outbox(m), now, &mut outbox)?;
-                }
-                tx.prepare_cached("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?1")?
-                    .execute([before])?;
-                if !ids.is_empty() {
-                    tracing::info!(calls = ids.len(), "retention: pruned finished calls");
-                }
-            }
+            } => prune(&tx, *before, *limit, topics, now, &mut outbox)?,
             Op::Delivery(u) => deliveries::update(&tx, u, now)?,
             Op::MarkSent(ids) => {
                 let mut st = tx.prepare_cached("UPDATE outbox SET sent_at = ?2 WHERE id = ?1")?;
@@ -673,6 +638,115 @@ fn apply_batch<R>(
     }
     tx.commit()?;
     Ok(outbox)
+}
+
+/// The calls whose state is retained (see [`Reader::window_ids`]). The sort is outside
+/// the union on purpose: with `ORDER BY` on the union itself SQLite merges two walks of
+/// the whole primary-key index, reading every call ever stored at each start.
+const WINDOW_IDS: &str = "SELECT id FROM (
+         SELECT id FROM calls WHERE status NOT IN ('completed', 'cancelled', 'failed')
+         UNION SELECT id FROM calls WHERE updated_at >= ?1)
+     ORDER BY id";
+
+/// Finds the finished calls to prune: the oldest `limit` finished before `before`, with
+/// their request ids.
+const PRUNE_SELECT: &str = "SELECT id, request_id FROM calls
+     WHERE status IN ('completed', 'cancelled', 'failed') AND updated_at < ?1
+     ORDER BY updated_at LIMIT ?2";
+
+/// What the prune deletes for each call (`?1`: its id, `?2`: its request id), children
+/// first. Each finds its rows through an index, so a prune costs the rows it deletes, not
+/// the size of the tables (see `store::tests::every_prune_statement_uses_an_index`).
+const PRUNE_DELETES: [&str; 6] = [
+    "DELETE FROM events WHERE call_id = ?1",
+    "DELETE FROM requests WHERE request_id = ?2 AND call_id = ?1",
+    "DELETE FROM courier_replies WHERE call_id = ?1",
+    "DELETE FROM deliveries WHERE call_id = ?1",
+    "DELETE FROM assignments WHERE call_id = ?1",
+    "DELETE FROM calls WHERE id = ?1",
+];
+
+/// Sent outbox rows pruned per round at most: the outbox holds several rows per call.
+const PRUNE_OUTBOX_FACTOR: usize = 20;
+
+/// Deletes up to `limit` calls finished before `before` with every row that belongs to
+/// them, clears their retained state topics (through the outbox), and deletes outbox rows
+/// sent before `before`.
+fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    before: Millis,
+    limit: usize,
+    topics: &pickup_protocol::Topics,
+    now: Millis,
+    outbox: &mut Vec<(i64, OutMsg)>,
+) -> rusqlite::Result<()> {
+    let calls: Vec<(String, String)> = tx
+        .prepare_cached(PRUNE_SELECT)?
+        .query_map(params![before, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (id, request_id) in &calls {
+        for sql in PRUNE_DELETES {
+            let mut st = tx.prepare_cached(sql)?;
+            if st.parameter_count() == 2 {
+                st.execute(params![id, request_id])?;
+            } else {
+                st.execute([id])?;
+            }
+        }
+        // An empty retained message clears the call's state topic.
+        let m = OutMsg {
+            topic: topics.call_state(id),
+            payload: Vec::new(),
+            retain: true,
+            expiry_s: None,
+        };
+        apply_change(tx, &Change::Outbox(m), now, outbox)?;
+    }
+    let sent = prune_outbox(tx, before, limit.saturating_mul(PRUNE_OUTBOX_FACTOR))?;
+    if !calls.is_empty() || sent > 0 {
+        tracing::info!(
+            calls = calls.len(),
+            outbox_rows = sent,
+            "retention: pruned finished calls"
+        );
+    }
+    Ok(())
+}
+
+/// Deletes up to `max` outbox rows sent before `before`, returning how many. Rows are
+/// published in id order (commit order) and marked sent as the broker acknowledges them,
+/// so the rows old enough to go are the first ones: the walk starts at the smallest id and
+/// stops at the first row still unsent or sent since `before`. A round reads the rows it
+/// deletes and one more, however long the outbox; a row not yet sent holds back the sent
+/// rows after it until it is sent. (The former `DELETE … WHERE sent_at < ?` read the
+/// whole table, payloads included, at every round.)
+fn prune_outbox(
+    tx: &rusqlite::Transaction<'_>,
+    before: Millis,
+    max: usize,
+) -> rusqlite::Result<usize> {
+    let mut last = None;
+    let mut n = 0;
+    {
+        let mut st = tx.prepare_cached("SELECT id, sent_at FROM outbox ORDER BY id LIMIT ?1")?;
+        let mut rows = st.query([i64::try_from(max).unwrap_or(i64::MAX)])?;
+        while let Some(r) = rows.next()? {
+            match r.get::<_, Option<Millis>>(1)? {
+                Some(sent) if sent < before => {
+                    last = Some(r.get::<_, i64>(0)?);
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+    if let Some(last) = last {
+        tx.prepare_cached("DELETE FROM outbox WHERE id <= ?1")?
+            .execute([last])?;
+    }
+    Ok(n)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
@@ -963,13 +1037,11 @@ impl Reader {
 
     /// Ids of the calls whose state is retained: live ones and those changed since
     /// `since`, in id order. Uses the `calls_live` and `calls_updated` indexes, so the
-    /// cost follows the number of such calls, not the size of the table.
+    /// cost follows the number of such calls, not the size of the table (see
+    /// [`WINDOW_IDS`]).
     pub fn window_ids(&self, since: Millis) -> rusqlite::Result<Vec<String>> {
         self.conn
-            .prepare_cached(
-                "SELECT id FROM calls WHERE status NOT IN ('completed', 'cancelled', 'failed')
-                 UNION SELECT id FROM calls WHERE updated_at >= ?1 ORDER BY 1",
-            )?
+            .prepare_cached(WINDOW_IDS)?
             .query_map([since], |r| r.get(0))?
             .collect()
     }

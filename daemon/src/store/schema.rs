@@ -100,4 +100,11 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_pending ON deliveries(sink, seq) WHERE state = 'pending';
     CREATE INDEX deliveries_state ON deliveries(state, updated_at);
     "#,
+    // 3: what the retention prune looks a finished call's rows up by. Without these it read
+    // the whole of `courier_replies` and `deliveries` once for every call it deleted, in
+    // the writer's transaction.
+    r#"
+    CREATE INDEX courier_replies_call ON courier_replies(call_id);
+    CREATE INDEX deliveries_call ON deliveries(call_id);
+    "#,
 ];

@@ -433,3 +433,144 @@ fn the_page_caches_stay_within_the_sizes_set_for_them() {
     // The history was large enough to fill them.
     assert!(used >= bound / 2, "only {used} bytes cached");
 }
+
+/// SQLite's plan for `sql`, one line per step.
+fn query_plan(conn: &Connection, sql: &str) -> Vec<String> {
+    let n = conn.prepare(sql).unwrap().parameter_count();
+    let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let args = vec![rusqlite::types::Value::Integer(1); n];
+    st.query_map(rusqlite::params_from_iter(args), |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The prune runs in the writer's transaction, so every statement it runs per call must
+/// find its rows through an index: a full scan of a table per pruned call held every
+/// commit behind it for as long as the site's history is long.
+#[test]
+fn every_prune_statement_uses_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = open(&dir.path().join("p.db")).unwrap();
+    for sql in std::iter::once(PRUNE_SELECT).chain(PRUNE_DELETES) {
+        let plan = query_plan(&conn, sql);
+        assert!(
+            !plan.is_empty() && plan.iter().all(|p| p.starts_with("SEARCH")),
+            "{sql}: {plan:?}"
+        );
+    }
+}
+
+/// The retained-state window is read at every start: through the partial index of live
+/// calls and the `updated_at` index, never a walk of every call stored.
+#[test]
+fn the_retained_state_window_reads_only_its_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = open(&dir.path().join("p.db")).unwrap();
+    let plan = query_plan(&conn, WINDOW_IDS);
+    assert!(
+        plan.iter()
+            .any(|p| p == "SEARCH calls USING INDEX calls_updated (updated_at>?)"),
+        "{plan:?}"
+    );
+    for p in plan.iter().filter(|p| p.starts_with("SCAN calls")) {
+        assert_eq!(p, "SCAN calls USING INDEX calls_live", "{plan:?}");
+    }
+}
+
+/// A prune deletes every row of the calls it takes (and only theirs) and the outbox rows
+/// sent before the cut-off, walking the outbox from its oldest row: a row not yet sent
+/// holds back the sent rows after it until it is sent.
+#[test]
+fn a_prune_deletes_every_row_of_its_calls_and_the_outbox_rows_sent_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = open(&dir.path().join("p.db")).unwrap();
+    for (id, status, updated) in [
+        ("old", "completed", 1_000),
+        ("new", "completed", 9_000),
+        ("live", "dispatching", 1_000),
+    ] {
+        conn.execute_batch(&format!(
+            "INSERT INTO calls (id, request_id, status, tel, created_at, updated_at, view, body)
+               VALUES ('{id}', 'r-{id}', '{status}', '010', 1, {updated}, '{{}}', '{{}}');
+             INSERT INTO assignments (call_id, state, deadline_at, declined, updated_at)
+               VALUES ('{id}', 'done', 1, '[]', 1);
+             INSERT INTO requests (request_id, call_id, created_at) VALUES ('r-{id}', '{id}', 1);
+             INSERT INTO courier_replies (courier_id, reply_id, call_id, action, recorded_at)
+               VALUES ('k1', 'x-{id}', '{id}', 'accept', 1);
+             INSERT INTO deliveries (id, call_id, sink, payload, state, next_attempt_at, created_at, updated_at)
+               VALUES ('{id}-1', '{id}', 'webhook', x'', 'delivered', 1, 1, 1);
+             INSERT INTO events (call_id, kind, at, recorded_at, data)
+               VALUES ('{id}', 'requested', 1, 1, '{{}}');"
+        ))
+        .unwrap();
+    }
+    // Outbox, in id order: two sent long ago, one not yet sent, one sent long ago behind
+    // it, one sent recently.
+    for sent in ["100", "200", "NULL", "300", "9000"] {
+        conn.execute(
+            &format!("INSERT INTO outbox (topic, payload, retain, created_at, sent_at) VALUES ('t', x'', 0, 1, {sent})"),
+            [],
+        )
+        .unwrap();
+    }
+    let prune = |conn: &mut Connection| {
+        let job = WriteJob::<()> {
+            op: Op::Prune {
+                before: 5_000,
+                limit: 10,
+                topics: Topics::new("t").unwrap(),
+            },
+            after: None,
+        };
+        apply_batch(conn, &[job]).unwrap()
+    };
+    let published = prune(&mut conn);
+    assert_eq!(published.len(), 1, "one retained state cleared");
+    let count =
+        |conn: &Connection, sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    for table in [
+        "calls",
+        "assignments",
+        "requests",
+        "courier_replies",
+        "deliveries",
+        "events",
+    ] {
+        let key = if table == "calls" { "id" } else { "call_id" };
+        assert_eq!(
+            count(
+                &conn,
+                &format!("SELECT count(*) FROM {table} WHERE {key} = 'old'")
+            ),
+            0,
+            "{table} still holds rows of the pruned call"
+        );
+        assert_eq!(
+            count(
+                &conn,
+                &format!("SELECT count(*) FROM {table} WHERE {key} IN ('new', 'live')")
+            ),
+            2,
+            "{table} lost rows of calls that stay"
+        );
+    }
+    let sent_left = |conn: &Connection| -> Vec<Option<i64>> {
+        let mut st = conn
+            .prepare("SELECT sent_at FROM outbox WHERE topic = 't' ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(sent_left(&conn), vec![None, Some(300), Some(9_000)]);
+    // Once the row is sent, the old rows behind it go at the next round.
+    conn.execute(
+        "UPDATE outbox SET sent_at = 400 WHERE sent_at IS NULL AND topic = 't'",
+        [],
+    )
+    .unwrap();
+    prune(&mut conn);
+    assert_eq!(sent_left(&conn), vec![Some(9_000)]);
+}
