@@ -204,13 +204,26 @@ pub enum Redrive {
 
 /// Puts the dead delivery `id` back to pending, to be attempted at once. One short
 /// IMMEDIATE transaction, so it waits (busy timeout) rather than fails while the daemon
-/// commits.
+/// commits. The row is found by its id before that transaction: the id is unique only
+/// per sink, so the search reads the table, and a WAL reader does not hold the daemon's
+/// writer while it does.
 pub fn redrive(conn: &mut Connection, id: &str, now: Millis) -> rusqlite::Result<Redrive> {
+    let seq: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM deliveries WHERE id = ?1 ORDER BY seq LIMIT 1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(seq) = seq else {
+        return Ok(Redrive::NotFound);
+    };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read again under the write lock: the row may have changed (or been pruned) since.
     let found: Option<(i64, String, String, String)> = tx
         .query_row(
-            "SELECT seq, sink, call_id, state FROM deliveries WHERE id = ?1 ORDER BY seq LIMIT 1",
-            [id],
+            "SELECT seq, sink, call_id, state FROM deliveries WHERE seq = ?1",
+            [seq],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
