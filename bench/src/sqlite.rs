@@ -170,9 +170,6 @@ pub fn generate(path: &Path, h: History) -> anyhow::Result<Generated> {
             "INSERT INTO assignments (call_id, state, courier_id, offer_expires_at, grace_until, deadline_at, declined, updated_at)
              VALUES (?1, ?2, ?3, NULL, NULL, ?4, '[]', ?5)",
         )?;
-        let mut ins_req = tx.prepare(
-            "INSERT INTO requests (request_id, call_id, created_at) VALUES (?1, ?2, ?3)",
-        )?;
         let mut ins_ev = tx.prepare(
             "INSERT INTO events (call_id, courier_id, kind, at, recorded_at, correlation, data)
              VALUES (?1, ?2, ?3, ?4, ?4, NULL, '{}')",
@@ -234,7 +231,6 @@ pub fn generate(path: &Path, h: History) -> anyhow::Result<Generated> {
                 call.deadline_at,
                 call.updated_at
             ])?;
-            ins_req.execute(params![call.request_id, call.id, call.created_at])?;
             for k in KINDS.iter().take(h.events_per_call) {
                 ins_ev.execute(params![call.id, "courier-0001", k, call.created_at])?;
             }

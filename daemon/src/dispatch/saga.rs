@@ -138,13 +138,6 @@ pub enum Change {
     Courier(Box<Courier>),
     /// Append to the event log.
     Event(EventRow),
-    /// Remember a kiosk request id.
-    Request {
-        /// Kiosk idempotency key.
-        request_id: String,
-        /// The call it created.
-        call_id: String,
-    },
     /// Remember a courier reply id.
     CourierReply {
         /// Device-chosen id.
@@ -652,10 +645,6 @@ impl Dispatcher {
         self.count_open(&call);
         self.calls.insert(id.clone(), Box::new(call));
         let mut d = Decision::default();
-        d.changes.push(Change::Request {
-            request_id: req.request_id,
-            call_id: id.clone(),
-        });
         self.put_call(&mut d, &id);
         self.event(
             &mut d,

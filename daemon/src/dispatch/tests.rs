@@ -159,12 +159,13 @@ fn nearest_eligible_courier_is_assigned_and_told() {
         }
         other => panic!("{other:?}"),
     }
-    // The call, its request id and the assignment are written in the same decision, and
-    // the retained state never holds the pickup code or the full phone number.
+    // The call (which carries its request id) and the assignment are written in the same
+    // decision, and the retained state never holds the pickup code or the full phone
+    // number.
     assert!(dec
         .changes
         .iter()
-        .any(|c| matches!(c, Change::Request { request_id, .. } if request_id == "req-c1")));
+        .any(|c| matches!(c, Change::Call(call) if call.request_id == "req-c1")));
     for c in &dec.changes {
         if let Change::Outbox(m) = c {
             if m.retain {

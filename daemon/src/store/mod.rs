@@ -648,18 +648,15 @@ const WINDOW_IDS: &str = "SELECT id FROM (
          UNION SELECT id FROM calls WHERE updated_at >= ?1)
      ORDER BY id";
 
-/// Finds the finished calls to prune: the oldest `limit` finished before `before`, with
-/// their request ids.
-const PRUNE_SELECT: &str = "SELECT id, request_id FROM calls
+/// Finds the finished calls to prune: the oldest `limit` finished before `before`.
+const PRUNE_SELECT: &str = "SELECT id FROM calls
      WHERE status IN ('completed', 'cancelled', 'failed') AND updated_at < ?1
      ORDER BY updated_at LIMIT ?2";
 
-/// What the prune deletes for each call (`?1`: its id, `?2`: its request id), children
-/// first. Each finds its rows through an index, so a prune costs the rows it deletes, not
+/// What the prune deletes for each call (`?1`: its id), children first. Each finds its rows through an index, so a prune costs the rows it deletes, not
 /// the size of the tables (see `store::tests::every_prune_statement_uses_an_index`).
-const PRUNE_DELETES: [&str; 6] = [
+const PRUNE_DELETES: [&str; 5] = [
     "DELETE FROM events WHERE call_id = ?1",
-    "DELETE FROM requests WHERE request_id = ?2 AND call_id = ?1",
     "DELETE FROM courier_replies WHERE call_id = ?1",
     "DELETE FROM deliveries WHERE call_id = ?1",
     "DELETE FROM assignments WHERE call_id = ?1",
@@ -680,20 +677,13 @@ fn prune(
     now: Millis,
     outbox: &mut Vec<(i64, OutMsg)>,
 ) -> rusqlite::Result<()> {
-    let calls: Vec<(String, String)> = tx
+    let calls: Vec<String> = tx
         .prepare_cached(PRUNE_SELECT)?
-        .query_map(params![before, limit as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
+        .query_map(params![before, limit as i64], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    for (id, request_id) in &calls {
+    for id in &calls {
         for sql in PRUNE_DELETES {
-            let mut st = tx.prepare_cached(sql)?;
-            if st.parameter_count() == 2 {
-                st.execute(params![id, request_id])?;
-            } else {
-                st.execute([id])?;
-            }
+            tx.prepare_cached(sql)?.execute([id])?;
         }
         // An empty retained message clears the call's state topic.
         let m = OutMsg {
@@ -834,15 +824,6 @@ fn apply_change(
                 e.correlation,
                 to_json(&e.data)?,
             ])?;
-        }
-        Change::Request {
-            request_id,
-            call_id,
-        } => {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO requests (request_id, call_id, created_at) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![request_id, call_id, now])?;
         }
         Change::CourierReply {
             reply_id,
@@ -989,7 +970,7 @@ impl Reader {
     /// The call a kiosk request id created.
     pub fn call_for_request(&self, request_id: &str) -> rusqlite::Result<Option<String>> {
         self.conn
-            .prepare_cached("SELECT call_id FROM requests WHERE request_id = ?1")?
+            .prepare_cached("SELECT id FROM calls WHERE request_id = ?1")?
             .query_row([request_id], |r| r.get(0))
             .optional()
     }

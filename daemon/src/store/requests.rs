@@ -1,14 +1,14 @@
 //! Which kiosk request ids the database may hold, without asking it: a Bloom filter.
 //!
 //! Every create whose request id is not among the calls in memory used to be looked up
-//! in the `requests` table, in case it repeats a call already forgotten from memory. That
+//! among the stored calls (`calls.request_id`), in case it repeats a call already forgotten from memory. That
 //! read ran on the dispatch loop's thread and, since every commit changes the file, began
 //! each time with a fresh read transaction (WAL lock, page cache dropped). A filter that
 //! holds every request id of the database answers "certainly not there" for new request
 //! ids, so only possible repeats (and a small share of false positives) still read.
 //!
 //! The filter has no false negatives as long as every request id the database holds was
-//! inserted: [`build`] reads the table once in the background (a covering index scan,
+//! inserted: [`build`] reads them once in the background (a covering index scan,
 //! after start, not before READY) once every write queued before it is committed, and
 //! the dispatch loop inserts the request id of every call it creates, and keeps those
 //! created during the build aside for it, so that nothing committed after the build's
@@ -153,13 +153,13 @@ fn probes(mask: u64, x: u64) -> impl Iterator<Item = u64> {
 }
 
 /// A capacity for a filter of the database at `path`: twice the request ids it holds
-/// (estimated from the largest rowid, which is an index lookup, not a count), at least
+/// (estimated from the calls' largest rowid, which is an index lookup, not a count), at least
 /// [`MIN_CAPACITY`].
 pub fn capacity_for(reader: &Reader) -> rusqlite::Result<usize> {
     let max: i64 =
         reader
             .conn()
-            .query_row("SELECT coalesce(max(rowid), 0) FROM requests", [], |r| {
+            .query_row("SELECT coalesce(max(rowid), 0) FROM calls", [], |r| {
                 r.get(0)
             })?;
     Ok(usize::try_from(max)
@@ -176,7 +176,7 @@ pub fn build(path: &Path, capacity: usize) -> Result<RequestFilter, StoreError> 
     let mut f = RequestFilter::with_capacity(capacity);
     let mut st = reader
         .conn()
-        .prepare("SELECT request_id FROM requests")
+        .prepare("SELECT request_id FROM calls")
         .map_err(&e)?;
     let mut rows = st.query([]).map_err(&e)?;
     while let Some(r) = rows.next().map_err(&e)? {
@@ -255,7 +255,8 @@ mod tests {
         let conn = crate::store::open(&path).unwrap();
         for i in 0..1_000 {
             conn.execute(
-                "INSERT INTO requests (request_id, call_id, created_at) VALUES (?1, ?2, 0)",
+                "INSERT INTO calls (id, request_id, status, tel, created_at, updated_at, view, body)
+                 VALUES (?2, ?1, 'completed', '010', 0, 0, '{}', '{}')",
                 [format!("req-{i}"), format!("c{i}")],
             )
             .unwrap();

@@ -54,7 +54,8 @@ fn migrates_fresh_and_reopens_existing() {
         .unwrap();
     assert_eq!(sync, 2, "synchronous = FULL");
     conn.execute(
-        "INSERT INTO requests (request_id, call_id, created_at) VALUES ('x', 'y', 1)",
+        "INSERT INTO courier_replies (courier_id, reply_id, call_id, action, recorded_at)
+         VALUES ('k', 'x', 'y', 'accept', 1)",
         [],
     )
     .unwrap();
@@ -65,7 +66,7 @@ fn migrates_fresh_and_reopens_existing() {
     // Reopening keeps data and does not re-run migrations.
     let conn = open(&path).unwrap();
     let n: i64 = conn
-        .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM courier_replies", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 1);
 }
@@ -495,7 +496,6 @@ fn a_prune_deletes_every_row_of_its_calls_and_the_outbox_rows_sent_before() {
                VALUES ('{id}', 'r-{id}', '{status}', '010', 1, {updated}, '{{}}', '{{}}');
              INSERT INTO assignments (call_id, state, deadline_at, declined, updated_at)
                VALUES ('{id}', 'done', 1, '[]', 1);
-             INSERT INTO requests (request_id, call_id, created_at) VALUES ('r-{id}', '{id}', 1);
              INSERT INTO courier_replies (courier_id, reply_id, call_id, action, recorded_at)
                VALUES ('k1', 'x-{id}', '{id}', 'accept', 1);
              INSERT INTO deliveries (id, call_id, sink, payload, state, next_attempt_at, created_at, updated_at)
@@ -532,7 +532,6 @@ fn a_prune_deletes_every_row_of_its_calls_and_the_outbox_rows_sent_before() {
     for table in [
         "calls",
         "assignments",
-        "requests",
         "courier_replies",
         "deliveries",
         "events",

@@ -300,7 +300,6 @@ async fn thousands_of_hostile_payloads_leave_the_daemon_answering_and_consistent
         0,
         "a courier with two active jobs"
     );
-    assert_eq!(q("SELECT COUNT(*) FROM requests r LEFT JOIN calls c ON c.id = r.call_id WHERE c.id IS NULL"), 0, "a request id pointing nowhere");
     assert_eq!(
         q(
             "SELECT COUNT(*) FROM calls c JOIN assignments a ON a.call_id = c.id WHERE NOT (
