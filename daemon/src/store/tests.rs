@@ -573,3 +573,53 @@ fn a_prune_deletes_every_row_of_its_calls_and_the_outbox_rows_sent_before() {
     prune(&mut conn);
     assert_eq!(sent_left(&conn), vec![Some(9_000)]);
 }
+
+/// A file written by a release before migrations 3 and 4 (with its `requests` rows) is
+/// brought up to date at open, and what it held still answers: a repeated request id
+/// finds its call, and the prune's indexes are there.
+#[test]
+fn a_file_from_before_migrations_3_and_4_is_upgraded_and_keeps_its_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for sql in &schema::MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 2;
+             INSERT INTO calls (id, request_id, status, tel, created_at, updated_at, view, body)
+               VALUES ('c1', 'req-1', 'completed', '010', 1, 1, '{\"call_id\":\"c1\"}', '{}');
+             INSERT INTO requests (request_id, call_id, created_at) VALUES ('req-1', 'c1', 1);",
+        )
+        .unwrap();
+    }
+    let conn = open(&path).unwrap();
+    assert_eq!(
+        schema_version(&conn).unwrap(),
+        schema::MIGRATIONS.len() as i64
+    );
+    let names: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!names.iter().any(|n| n == "requests"), "{names:?}");
+    for index in ["courier_replies_call", "deliveries_call"] {
+        assert!(
+            names.iter().any(|n| n == index),
+            "{index} missing: {names:?}"
+        );
+    }
+    drop(conn);
+    let reader = Reader::open(&path).unwrap();
+    assert_eq!(
+        reader.call_for_request("req-1").unwrap().as_deref(),
+        Some("c1")
+    );
+    assert_eq!(reader.call_for_request("req-2").unwrap(), None);
+    let filter = requests::build(&path, requests::MIN_CAPACITY).unwrap();
+    assert!(filter.may_contain("req-1"));
+}
