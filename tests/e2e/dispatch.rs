@@ -334,3 +334,56 @@ async fn the_daemon_over_the_loopback_listener_dispatches_too() {
     let got = kiosk.get(&id).await;
     assert_eq!(got["call"]["status"], "assigned", "{got}");
 }
+
+/// On a quiet site each new call costs one durable commit: the call, its entry into
+/// `dispatching` and the answer's messages are one write job, not a create followed by a
+/// second job (and often a second fsync) for the dispatching step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_call_and_its_dispatching_step_are_one_durable_commit() {
+    use std::sync::atomic::Ordering;
+    const CALLS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path());
+    let db = cfg.store.path.clone();
+    let d = start_daemon(cfg).await;
+    let kiosk = Kiosk::connect(d.broker_addr, "test", "kiosk-1", Version::V4).await;
+    let synced = || {
+        d.writer_stats.commits.load(Ordering::Relaxed)
+            - d.writer_stats.unsynced.load(Ordering::Relaxed)
+    };
+    // Whatever the start queued is committed before counting begins.
+    let first = kiosk.create(kiosk.call_body("warm-up")).await;
+    assert_eq!(first["ok"], true, "{first}");
+    let dispatching = |n: usize| {
+        let db = db.clone();
+        move || {
+            let db = db.clone();
+            async move {
+                let conn = rusqlite::Connection::open(&db).unwrap();
+                let seen: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM events WHERE kind = 'dispatching'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                seen as usize >= n
+            }
+        }
+    };
+    wait_until("the warm-up call dispatching", dispatching(1)).await;
+    let before = synced();
+    for i in 0..CALLS {
+        let a = kiosk
+            .create(kiosk.call_body(&format!("one-commit-{i}")))
+            .await;
+        assert_eq!(a["ok"], true, "{a}");
+    }
+    wait_until("every call dispatching", dispatching(CALLS + 1)).await;
+    assert_eq!(
+        synced() - before,
+        CALLS as u64,
+        "durable commits for {CALLS} calls made one at a time"
+    );
+    d.shutdown(DEADLINE).await.unwrap();
+}

@@ -1242,13 +1242,20 @@ impl DispatchLoop {
                     price: Some(price),
                     class_corrected: parcel.corrected,
                 };
-                let d = self.core.create_call(new, now);
+                let mut d = self.core.create_call(new, now);
                 if let Some(ReplyBody::Create(a)) = &d.reply {
                     if !a.duplicate {
                         // One line per call: debug (the events table holds every call's
                         // audit trail; at info this line cost about a tenth of the create path).
                         tracing::debug!(call_id = %a.call.call_id, "call accepted");
                     }
+                }
+                if self.core.wants_assign() {
+                    // The new call enters dispatching (and may meet its courier) in the
+                    // same write job, so both are one commit: a quiet site's call then
+                    // costs one fsync, not two, and the store writes the call row once.
+                    // The answer waited for this commit anyway.
+                    d.absorb(self.core.assign_pending(now_ms()));
                 }
                 self.submit(d, Some(path)).await;
             }
