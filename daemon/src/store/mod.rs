@@ -653,8 +653,9 @@ const PRUNE_SELECT: &str = "SELECT id FROM calls
      WHERE status IN ('completed', 'cancelled', 'failed') AND updated_at < ?1
      ORDER BY updated_at LIMIT ?2";
 
-/// What the prune deletes for each call (`?1`: its id), children first. Each finds its rows through an index, so a prune costs the rows it deletes, not
-/// the size of the tables (see `store::tests::every_prune_statement_uses_an_index`).
+/// What the prune deletes for each call (`?1`: its id), children first. Each finds its
+/// rows through an index, so a prune costs the rows it deletes, not the size of the
+/// tables (see `store::tests::every_prune_statement_uses_an_index`).
 const PRUNE_DELETES: [&str; 5] = [
     "DELETE FROM events WHERE call_id = ?1",
     "DELETE FROM courier_replies WHERE call_id = ?1",
