@@ -86,6 +86,9 @@ struct Args {
     /// in production, where each accepted call is one log line).
     #[arg(long)]
     no_log: bool,
+    /// Worker threads of the daemon's tokio runtime (pickupd runs 2).
+    #[arg(long, default_value_t = 2)]
+    daemon_workers: usize,
     /// Seconds of the SQLite commit-rate baseline.
     #[arg(long, default_value_t = 3.0)]
     sqlite_secs: f64,
@@ -635,7 +638,7 @@ fn scenario(
     if create_only {
         cfg.limits.max_dispatching = 10_000_000;
     }
-    let drt = runtime("pickupd-rt", 2)?;
+    let drt = runtime("pickupd-rt", args.daemon_workers)?;
     let brt = runtime("bench-client", 2)?;
     let running = drt.block_on(async {
         let r = pickupd::app::start(cfg).await?;
