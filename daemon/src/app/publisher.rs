@@ -148,8 +148,11 @@ pub async fn run(
 /// records the waiting marks first.
 pub const ACKS_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Acknowledgements that are recorded at once without waiting for [`ACKS_WAIT`].
-pub const ACKS_MAX: usize = 1024;
+/// Acknowledgements that are recorded at once without waiting for [`ACKS_WAIT`]. Small,
+/// so that under load the marks stay small jobs riding along with the calls' commits: a
+/// cap of 1 024 let about 700 rows gather in 100 ms at 1 800 calls/s, and the calls that
+/// shared their commit waited for them (p99 13.8 ms there against 11.2 without waiting).
+pub const ACKS_MAX: usize = 64;
 
 async fn sleep_until_due(due: Option<tokio::time::Instant>) {
     match due {
