@@ -803,8 +803,10 @@ pub async fn announce_couriers(
     site: &str,
     ids: Vec<usize>,
     spread_m: f64,
+    per_s: f64,
 ) -> anyhow::Result<Link> {
     let topics = Topics::new(site)?;
+    let started = Instant::now();
     let mut lo = LinkOptions::new(
         url(addr),
         format!("bench-announce-{}", rand::random::<u32>()),
@@ -828,7 +830,11 @@ pub async fn announce_couriers(
         }
     });
     tokio::time::timeout(Duration::from_secs(10), conn_rx).await??;
-    for i in ids {
+    for (k, i) in ids.into_iter().enumerate() {
+        if per_s > 0.0 {
+            let due = started + Duration::from_secs_f64(k as f64 / per_s);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let id = announced_id(i);
         let mut rng = SmallRng::seed_from_u64(i as u64);
         let (lat, lon) = random_point(&mut rng, spread_m);

@@ -117,6 +117,11 @@ struct Args {
     /// Couriers online for --memory.
     #[arg(long, default_value_t = 10_000)]
     mem_couriers: usize,
+    /// Couriers announced per second for --memory (0: as fast as the connection takes
+    /// them; the daemon then sheds position updates and the missing couriers are
+    /// announced again).
+    #[arg(long, default_value_t = 0.0)]
+    mem_announce_per_s: f64,
     /// Calls in the database for --memory.
     #[arg(long, default_value_t = 100_000)]
     mem_calls: usize,
@@ -886,7 +891,13 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             sends += todo.len();
             let batch = std::mem::take(&mut todo);
             let s = site.clone();
-            links.push(brt.block_on(load::announce_couriers(addr, &s, batch, 8_000.0))?);
+            links.push(brt.block_on(load::announce_couriers(
+                addr,
+                &s,
+                batch,
+                8_000.0,
+                args.mem_announce_per_s,
+            ))?);
             child.wait_idle(Duration::from_millis(500), Duration::from_secs(60))?;
             let mut st = conn.prepare(positioned)?;
             let done: std::collections::HashSet<String> = st
