@@ -832,8 +832,9 @@ pub async fn announce_couriers(
     tokio::time::timeout(Duration::from_secs(10), conn_rx).await??;
     for (k, i) in ids.into_iter().enumerate() {
         if per_s > 0.0 {
-            let due = started + Duration::from_secs_f64(k as f64 / per_s);
-            tokio::time::sleep_until(due.into()).await;
+            let after = Duration::try_from_secs_f64(k as f64 / per_s)
+                .map_err(|e| anyhow::anyhow!("--mem-announce-per-s is too small: {e}"))?;
+            tokio::time::sleep_until((started + after).into()).await;
         }
         let id = announced_id(i);
         let mut rng = SmallRng::seed_from_u64(i as u64);
