@@ -1,4 +1,5 @@
 use crate::link::alerts::{self};
+#[cfg(feature = "console")]
 use crate::link::console::ConsoleLink;
 use crate::link::network::{self, Network, N};
 use crate::link::remote::{self, mqtt_connect, RemoteLink};
@@ -9,9 +10,12 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings, Meter};
+use crate::{meters, ConnectionSettings};
+#[cfg(feature = "prometheus")]
+use crate::Meter;
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
+#[cfg(feature = "prometheus")]
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tracing::{error, field, info, warn, Instrument};
@@ -28,11 +32,15 @@ use async_tungstenite::tungstenite::http::HeaderValue;
 #[cfg(feature = "websocket")]
 use ws_stream_tungstenite::WsStream;
 
+// pickupd patch: the Prometheus exporter and the HTTP console are features.
+#[cfg(feature = "prometheus")]
 use metrics::gauge;
+#[cfg(feature = "prometheus")]
 use metrics_exporter_prometheus::PrometheusBuilder;
 use std::time::Duration;
 use std::{io, thread};
 
+#[cfg(feature = "console")]
 use crate::link::console;
 use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
@@ -263,6 +271,11 @@ impl Broker {
             }
         }
 
+        #[cfg(not(feature = "prometheus"))]
+        if self.config.prometheus.is_some() {
+            warn!("prometheus settings ignored: built without the `prometheus` feature");
+        }
+        #[cfg(feature = "prometheus")]
         if let Some(prometheus_setting) = &self.config.prometheus {
             let timeout = prometheus_setting.interval;
             // If port is specified use it instead of listen.
@@ -306,6 +319,11 @@ impl Broker {
             })?;
         }
 
+        #[cfg(not(feature = "console"))]
+        if self.config.console.is_some() {
+            warn!("console settings ignored: built without the `console` feature");
+        }
+        #[cfg(feature = "console")]
         if let Some(console) = self.config.console.clone() {
             let console_link = ConsoleLink::new(console, self.router_tx.clone());
 
