@@ -914,7 +914,7 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
         let steady_after = pickupd::memory::CHECK_EVERY + Duration::from_secs(2);
         std::thread::sleep(steady_after);
         let steady = Memory::read(Some(pid));
-        let trim_ms = child.trim()?;
+        let trim = child.trim()?;
         let trimmed = Memory::read(Some(pid));
         println!(
             "{:<10} with {n} couriers online: RSS {:.1} MiB (heap and stacks {:.1}, files {:.1}; peak {:.1}); recorded in {:.1} s ({sends} announcements)",
@@ -929,8 +929,8 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             steady.file_mib
         );
         println!(
-            "{:<10} after the allocator returned free pages (malloc_trim, {trim_ms:.1} ms): RSS {:.1} MiB (heap and stacks {:.1})",
-            "", trimmed.rss_mib, trimmed.anon_mib
+            "{:<10} after the allocator returned free pages (malloc_trim, {:.1} ms): RSS {:.1} MiB (heap and stacks {:.1}); heap in use {:.1} MiB of {:.1} held",
+            "", trim.ms, trimmed.rss_mib, trimmed.anon_mib, trim.heap_in_use_mib, trim.heap_held_mib
         );
         out.push(json!({
             "broker": name, "couriers": n, "calls_in_db": args.mem_calls,
@@ -943,7 +943,8 @@ fn memory_run(args: &Args, dir: &Path) -> anyhow::Result<Value> {
             "peak_rss_mib": m.peak_rss_mib, "rss_after_trim_mib": trimmed.rss_mib,
             "steady_after_s": steady_after.as_secs_f64(), "rss_steady_mib": steady.rss_mib,
             "anon_steady_mib": steady.anon_mib, "file_steady_mib": steady.file_mib,
-            "malloc_trim_ms": trim_ms,
+            "malloc_trim_ms": trim.ms, "heap_in_use_mib": trim.heap_in_use_mib,
+            "heap_held_mib": trim.heap_held_mib,
             "couriers_recorded_s": settle_s, "announcements_sent": sends,
         }));
         drop(conn);

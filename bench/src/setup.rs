@@ -172,6 +172,18 @@ pub struct DaemonChild {
     pub ready_ms_outside: f64,
 }
 
+/// What the daemon child's allocator reported after `malloc_trim`.
+pub struct Trimmed {
+    /// How long `malloc_trim` took, in milliseconds.
+    pub ms: f64,
+    /// Bytes allocated and not freed (glibc `mallinfo2`: `uordblks` + `hblkhd`), in MiB.
+    pub heap_in_use_mib: f64,
+    /// Bytes the allocator holds from the system (`arena` + `hblkhd`), in MiB.
+    pub heap_held_mib: f64,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
 impl DaemonChild {
     /// Starts the child on `db` and waits for its READY line.
     pub fn spawn(
@@ -258,16 +270,27 @@ impl DaemonChild {
     }
 
     /// Asks it to hand free heap pages back to the system (glibc `malloc_trim`) and waits
-    /// until it has; returns how long the call took in the child, in milliseconds.
-    pub fn trim(&mut self) -> anyhow::Result<f64> {
+    /// until it has.
+    pub fn trim(&mut self) -> anyhow::Result<Trimmed> {
         if let Some(s) = self.stdin.as_mut() {
             s.write_all(b"trim\n")?;
             s.flush()?;
         }
         if let Some(lines) = self.lines.as_mut() {
             for l in lines.by_ref() {
-                if let Some(ms) = l?.trim().strip_prefix("TRIMMED ") {
-                    return Ok(ms.parse()?);
+                if let Some(rest) = l?.trim().strip_prefix("TRIMMED ") {
+                    let f: Vec<f64> = rest
+                        .split_whitespace()
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()?;
+                    if let [ms, in_use, held] = f[..] {
+                        return Ok(Trimmed {
+                            ms,
+                            heap_in_use_mib: in_use / MIB,
+                            heap_held_mib: held / MIB,
+                        });
+                    }
+                    anyhow::bail!("the daemon child's trim reply is malformed: {rest:?}");
                 }
             }
         }
@@ -399,7 +422,16 @@ pub fn run_child(started: Instant, site: &str, db: &Path, url: Option<&str>) -> 
                     // SAFETY: malloc_trim only walks the allocator's own free lists.
                     let t0 = Instant::now();
                     unsafe { libc::malloc_trim(0) };
-                    println!("TRIMMED {:.3}", t0.elapsed().as_secs_f64() * 1e3);
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    // What the allocator holds against what is allocated from it: the
+                    // difference is free space it cannot give back (fragmentation).
+                    // SAFETY: mallinfo2 only reads the allocator's counters, under its locks.
+                    let mi = unsafe { libc::mallinfo2() };
+                    println!(
+                        "TRIMMED {ms:.3} {} {}",
+                        mi.uordblks + mi.hblkhd,
+                        mi.arena + mi.hblkhd
+                    );
                 }
                 "stats" => println!(
                     "STATS {} {} {}",
