@@ -1,5 +1,5 @@
 use super::Ack;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use slab::Slab;
 use tracing::{info, trace};
 
@@ -161,10 +161,13 @@ impl DataLog {
     pub fn trim_step(&mut self, budget: u64) -> (bool, u64) {
         let mut left = budget;
         while let Some(&(idx, target)) = self.trim_targets.last() {
-            let freed = self
-                .native
-                .get_mut(idx)
-                .map_or(0, |data| data.log.trim(target, left));
+            let freed = self.native.get_mut(idx).map_or(0, |data| {
+                let freed = data.log.trim(target, left);
+                if data.log.is_empty() {
+                    data.chunks.reset();
+                }
+                freed
+            });
             if freed < left {
                 // Nothing before the target is left in that log.
                 self.trim_targets.pop();
@@ -346,7 +349,14 @@ impl DataLog {
         let retained = Retained {
             payload: publish.payload.as_ref().into(),
             qos: publish.qos,
-            v5: publish_properties.map(|p| Box::new((p, Instant::now()))),
+            // pickupd patch: the correlation data is a view into the read buffer (see
+            // `stored_copy` in routing.rs); the payload above is copied already.
+            v5: publish_properties.map(|mut p| {
+                if let Some(c) = p.correlation_data.as_mut() {
+                    *c = Bytes::copy_from_slice(c);
+                }
+                Box::new((p, Instant::now()))
+            }),
         };
         self.retained_publishes.insert(topic.into(), retained);
     }
@@ -438,6 +448,61 @@ pub struct Data<T> {
     pub log: CommitLog<T>,
     pub waiters: Waiters<DataRequest>,
     meter: SubscriptionMeter,
+    /// pickupd patch: where this log's messages keep their bytes (see [`Chunks`]).
+    pub chunks: Chunks,
+}
+
+/// pickupd patch: the bytes of a filter log's messages, copied into chunks the log owns.
+///
+/// A stored message's topic and payload must not stay views into the publishing
+/// connection's read buffer (see `detach_from_read_buffer` in routing.rs), but copying
+/// each into an allocation of its own interleaves a burst's short-lived log entries with
+/// the long-lived allocations made at the same time (retained messages, new
+/// connections): once the entries are read and freed, their holes are too small to give
+/// back, and a burst of 10 000 couriers coming online left megabytes of free space held
+/// in partly used pages. Entries of one log are freed in order, so copies into chunks of
+/// that log free whole chunks. Chunks start small and double up to [`Chunks::MAX`], so a
+/// log of a few messages (a handheld's job topic) holds little more than their bytes;
+/// when the log has been read to its end the current chunk is let go.
+pub struct Chunks {
+    current: BytesMut,
+    next: usize,
+}
+
+impl Chunks {
+    /// The first chunk of a log, in bytes.
+    const FIRST: usize = 256;
+    /// The largest chunk, in bytes: under glibc's mmap threshold, so chunks come from the
+    /// heap and a freed one is whole pages the allocator can reuse or give back.
+    const MAX: usize = 64 * 1024;
+
+    fn new() -> Chunks {
+        Chunks {
+            current: BytesMut::new(),
+            next: Chunks::FIRST,
+        }
+    }
+
+    /// Copies of a message's topic and payload, side by side in this log's current chunk
+    /// (a new one when they do not fit: the next size, or theirs if larger).
+    pub fn copy(&mut self, topic: &[u8], payload: &[u8]) -> (Bytes, Bytes) {
+        let need = topic.len() + payload.len();
+        if self.current.capacity() - self.current.len() < need {
+            self.current = BytesMut::with_capacity(self.next.max(need));
+            self.next = (self.next * 2).min(Chunks::MAX);
+        }
+        self.current.extend_from_slice(topic);
+        let topic = self.current.split().freeze();
+        self.current.extend_from_slice(payload);
+        let payload = self.current.split().freeze();
+        (topic, payload)
+    }
+
+    /// Lets the current chunk go (once nothing in the log refers to it) and starts the
+    /// next one small again.
+    fn reset(&mut self) {
+        *self = Chunks::new();
+    }
 }
 
 impl<T> Data<T>
@@ -471,6 +536,7 @@ where
             log,
             waiters,
             meter: metrics,
+            chunks: Chunks::new(),
         }
     }
 
@@ -570,7 +636,7 @@ fn retained_prefix(filter: &str) -> &str {
 
 #[cfg(test)]
 mod test {
-    use super::DataLog;
+    use super::{Chunks, DataLog};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
@@ -788,4 +854,58 @@ mod test {
     //             dbg!(v);
     //         }
     //     }
+
+    // pickupd patch: a log's copies share chunks that start small and double up to the
+    // largest; a message larger than the next chunk gets a chunk of its own size; a reset
+    // starts small again. Each copy equals what was copied.
+    #[test]
+    fn copies_share_chunks_that_grow_and_start_small_after_a_reset() {
+        let mut c = Chunks::new();
+        let (t, p) = c.copy(b"topic/a", b"payload");
+        assert_eq!((&t[..], &p[..]), (&b"topic/a"[..], &b"payload"[..]));
+        assert_eq!(p.as_ptr(), t.as_ptr().wrapping_add(t.len()), "one chunk");
+        let (t, p) = c.copy(b"", b"");
+        assert!(t.is_empty() && p.is_empty());
+
+        // Fill chunks with 8-byte messages and note how many bytes each chunk took.
+        let mut sizes = Vec::new();
+        let mut run = 0;
+        let mut last: Option<bytes::Bytes> = None;
+        let mut kept = Vec::new();
+        for _ in 0..20_000 {
+            let (t, p) = c.copy(b"t/1", b"abcde");
+            assert_eq!(p.as_ptr(), t.as_ptr().wrapping_add(3));
+            let adjacent = last
+                .as_ref()
+                .is_some_and(|l| t.as_ptr() == l.as_ptr().wrapping_add(l.len()));
+            if adjacent || last.is_none() {
+                run += 8;
+            } else {
+                sizes.push(run);
+                run = 8;
+            }
+            last = Some(p.clone());
+            kept.push((t, p));
+        }
+        // The first chunk (256 bytes) held 14 bytes before these.
+        assert_eq!(sizes[..9], [240, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]);
+        assert!(sizes[9..].iter().all(|&s| s == Chunks::MAX), "{sizes:?}");
+        assert!(kept.iter().all(|(t, p)| t[..] == b"t/1"[..] && p[..] == b"abcde"[..]));
+
+        let big = vec![1u8; 3 * Chunks::MAX];
+        let (_, y) = c.copy(b"big", &big);
+        assert_eq!(y[..], big[..]);
+        let (z, _) = c.copy(b"next", b"");
+        assert_ne!(z.as_ptr(), y.as_ptr().wrapping_add(y.len()), "a chunk of its own");
+
+        c.reset();
+        let (_, first) = c.copy(b"", &[2u8; 200]);
+        let (second, _) = c.copy(&[3u8; 100], b"");
+        assert_ne!(
+            second.as_ptr(),
+            first.as_ptr().wrapping_add(first.len()),
+            "after a reset the first chunk is small again ({} bytes)",
+            Chunks::FIRST
+        );
+    }
 }

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, Chunks, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -1366,7 +1366,8 @@ fn append_to_commitlog(
         validate_and_set_topic_alias(&mut publish, connection, alias)?;
     };
 
-    detach_from_read_buffer(&mut publish, &mut properties);
+    // pickupd patch: the topic and payload are copied out of the read buffer when the
+    // message is stored (`stored_copy`); a retained message copies its own.
     let topic = std::str::from_utf8(&publish.topic)?;
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
@@ -1408,7 +1409,7 @@ fn append_to_commitlog(
     datalog.untrimmed = true;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
+        let publish_data = stored_copy(&mut datalog.chunks, &publish, &properties);
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
@@ -1424,22 +1425,29 @@ fn append_to_commitlog(
 
 /// pickupd patch: a decoded publish's topic, payload and correlation data are views into
 /// the publishing connection's read buffer, so storing it (in a commitlog or as a retained
-/// message) keeps that whole buffer block (about 10 KiB) alive for as long as the message
-/// is stored, while segment limits count only the message's own bytes. A message that
-/// outlives its neighbours, such as a retained state, then costs a block instead of its
-/// size. Copying the few bytes once when the message is stored ends that.
-/// (Upstream report: bytebeamio/rumqtt#1001.)
-fn detach_from_read_buffer(publish: &mut Publish, properties: &mut Option<PublishProperties>) {
-    publish.topic = Bytes::copy_from_slice(&publish.topic);
-    publish.payload = Bytes::copy_from_slice(&publish.payload);
+/// message) kept that whole buffer block (about 10 KiB) alive for as long as the message
+/// was stored, while segment limits count only the message's own bytes. A message that
+/// outlives its neighbours, such as a retained state, then cost a block instead of its
+/// size. (Upstream report: bytebeamio/rumqtt#1001.) The copy a log stores has its topic
+/// and payload in that log's chunks (see `logs::Chunks`); a retained message copies its
+/// payload itself.
+fn stored_copy(
+    chunks: &mut Chunks,
+    publish: &Publish,
+    properties: &Option<PublishProperties>,
+) -> (Publish, Option<PublishProperties>) {
+    let mut stored = publish.clone();
+    (stored.topic, stored.payload) = chunks.copy(&publish.topic, &publish.payload);
+    let mut properties = properties.clone();
     if let Some(c) = properties.as_mut().and_then(|p| p.correlation_data.as_mut()) {
         *c = Bytes::copy_from_slice(c);
     }
+    (stored, properties)
 }
 
 fn append_will_message(
     mut publish: Publish,
-    mut properties: Option<PublishProperties>,
+    properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
@@ -1455,7 +1463,8 @@ fn append_will_message(
         ));
     }
 
-    detach_from_read_buffer(&mut publish, &mut properties);
+    // pickupd patch: the topic and payload are copied out of the read buffer when the
+    // message is stored (`stored_copy`); a retained message copies its own.
     let topic = std::str::from_utf8(&publish.topic)?;
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
@@ -1492,7 +1501,7 @@ fn append_will_message(
     datalog.untrimmed = true;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
+        let publish_data = stored_copy(&mut datalog.chunks, &publish, &properties);
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
