@@ -455,7 +455,7 @@ pub struct Data<T> {
 /// pickupd patch: the bytes of a filter log's messages, copied into chunks the log owns.
 ///
 /// A stored message's topic and payload must not stay views into the publishing
-/// connection's read buffer (see `detach_from_read_buffer` in routing.rs), but copying
+/// connection's read buffer (see `stored_copy` in routing.rs), but copying
 /// each into an allocation of its own interleaves a burst's short-lived log entries with
 /// the long-lived allocations made at the same time (retained messages, new
 /// connections): once the entries are read and freed, their holes are too small to give
